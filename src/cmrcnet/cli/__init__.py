@@ -1,0 +1,42 @@
+"""Command line: a thin layer over library functions (Typer + rich).
+
+Sub-command modules: ``data`` (info, download, convert), ``datasets`` (manifests),
+``run`` (train, predict, demo), ``bench`` (benchmark, report).
+Errors of type :class:`cmrcnet.errors.CmrcnetError` are printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from cmrcnet.errors import CmrcnetError
+
+app = typer.Typer(
+    name="cmrcnet",
+    help="Predict spatially resolved gene expression from H&E histology.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+def _register() -> None:
+    from cmrcnet.cli import bench, data, datasets, run
+
+    app.add_typer(data.app, name="data", help="Inspect, download and convert datasets.")
+    datasets.register(app)
+    run.register(app)
+    bench.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    try:
+        app(args=argv, standalone_mode=True)
+    except CmrcnetError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,5 @@
+"""``cmrcnet benchmark|report`` (placeholder: being implemented)."""
+
+
+def register(app) -> None:
+    pass

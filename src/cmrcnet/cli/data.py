@@ -1,0 +1,4 @@
+"""``cmrcnet data ...`` (placeholder: being implemented)."""
+import typer
+
+app = typer.Typer(no_args_is_help=True)

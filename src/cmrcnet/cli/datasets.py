@@ -1,0 +1,5 @@
+"""``cmrcnet datasets`` (placeholder: being implemented)."""
+
+
+def register(app) -> None:
+    pass

@@ -1,0 +1,5 @@
+"""``cmrcnet train|predict|demo`` (placeholder: being implemented)."""
+
+
+def register(app) -> None:
+    pass

@@ -1,0 +1,62 @@
+"""The canonical in-memory sample that every reader produces and every method consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+
+from cmrcnet.data.image import SlideImage
+
+
+@dataclass
+class Sample:
+    """One section: raw counts + spot coordinates + its H&E image.
+
+    ``adata`` follows scverse conventions:
+
+    - ``X``: raw integer counts (CSR), spots x genes; ``var_names`` are gene symbols where
+      known (``var["gene_ids"]`` keeps Ensembl ids when the source had them);
+    - ``obs_names``: spot barcodes (unique); ``obs["array_row"]``, ``obs["array_col"]`` when known;
+    - ``obsm["spatial"]``: spot centre (x, y) in full-resolution image pixels (float);
+    - ``uns["spatial"][sample_id]``: ``{"images": {"lowres": uint8 RGB}, "scalefactors":
+      {"tissue_lowres_scalef", "spot_diameter_fullres", ...}}`` (filled by
+      :func:`cmrcnet.data.readers.attach_lowres`).
+    """
+
+    sample_id: str
+    adata: ad.AnnData
+    image: SlideImage | None
+    um_per_px: float
+    spot_diameter_um: float
+    pitch_um: float | None = None
+    patient_id: str = ""
+    dataset: str = ""
+    platform: str = ""
+    pixel_size_source: str = "metadata"
+    """``metadata`` (read from the files) or ``estimated`` (from the spot grid)."""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.adata.n_obs)
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.adata.n_vars)
+
+    @property
+    def coords_px(self) -> np.ndarray:
+        return np.asarray(self.adata.obsm["spatial"], dtype=np.float64)
+
+    @property
+    def spot_diameter_px(self) -> float:
+        return self.spot_diameter_um / self.um_per_px
+
+    def __repr__(self) -> str:
+        size = self.image.size if self.image is not None else None
+        return (
+            f"Sample({self.sample_id!r}, patient={self.patient_id!r}, spots={self.n_spots}, "
+            f"genes={self.n_genes}, image={size}, um_per_px={self.um_per_px:.3f})"
+        )
