@@ -85,6 +85,8 @@ class TrainConfig:
     val_check_interval: float = 1.0
     channels_last: bool = False
     compile: bool = False
+    shuffle_labels: bool = False
+    """Negative control: permute expression across training spots (breaks image-expression pairing)."""
 
 
 @dataclass
@@ -263,13 +265,14 @@ def make_config(
     from cmrcnet.models import get_method
 
     spec = get_method(method)
-    if preset not in GLOBAL_PRESETS:
-        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(GLOBAL_PRESETS)})")
+    if preset not in GLOBAL_PRESETS and preset not in spec.presets:  # method-only presets (cmrcnet "authors")
+        choices = list(GLOBAL_PRESETS) + [p for p in spec.presets if p not in GLOBAL_PRESETS]
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(choices)})")
     cfg = copy.deepcopy(base) if base is not None else RunConfig()
     cfg.method = method
     cfg.preset = preset
     cfg.model = {**dataclasses.asdict(spec.Config()), **cfg.model}
-    apply_overrides(cfg, GLOBAL_PRESETS[preset])
+    apply_overrides(cfg, GLOBAL_PRESETS.get(preset, {}))
     apply_overrides(cfg, spec.presets.get(preset, {}))
     apply_overrides(cfg, overrides or {})
     spec.validate_model_config(cfg.model)

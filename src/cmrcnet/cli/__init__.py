@@ -24,7 +24,15 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+_registered = False
+
+
 def _register() -> None:
+    """Attach the sub-commands once (idempotent, so tests may call ``main`` repeatedly)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from cmrcnet.cli import bench, data, datasets, run
 
     app.add_typer(data.app, name="data", help="Inspect, download and convert datasets.")

@@ -1,5 +1,90 @@
-"""``cmrcnet benchmark|report`` (placeholder: being implemented)."""
+"""``cmrcnet benchmark`` and ``cmrcnet report``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
 
 
-def register(app) -> None:
-    pass
+def benchmark_cmd(
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    out: Path = typer.Option(..., "--out", help="Benchmark directory."),
+    methods: str = typer.Option("cmrcnet,bleep,stnet,histogene,ridge", "--methods"),
+    split: str = typer.Option("loo-sample", "--split", help="loo-sample or loo-patient."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+    preset: str = typer.Option("cpu", "--preset"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset manifest (e.g. COAD for a HEST folder)."),
+    transductive_genes: bool = typer.Option(False, "--transductive-genes", help="Paper's choice: HVG union over ALL samples (leaks the test sample)."),
+    ablation: bool = typer.Option(False, "--ablation", help="Run the Table 5 ablation grid of CMRCNet instead of --methods."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value for every job."),
+    resume: bool = typer.Option(False, "--resume", help="Skip finished jobs."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Run one fold only (one per machine on a cluster)."),
+    jobs: int = typer.Option(1, "--jobs", help="Folds run as this many parallel processes."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Build the report when all jobs are done."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Cross-validated comparison of methods; writes one run per (method, fold, seed)."""
+    from cmrcnet.benchmark import BenchmarkSpec, run_benchmark
+    from cmrcnet.cli.run import _setup_logging
+    from cmrcnet.config import parse_overrides
+    from cmrcnet.errors import ConfigError
+
+    _setup_logging(verbose)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    spec = BenchmarkSpec(
+        data=str(data),
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        split=split,
+        seeds=seed_list,
+        preset=preset,
+        dataset=dataset,
+        gene_selection="all" if transductive_genes else "train",
+        ablation=ablation,
+        overrides=parse_overrides(overrides),
+    )
+    t0 = time.perf_counter()
+
+    def on_job(job, status, dt):
+        console.print(f"[{'dim' if status == 'skipped' else 'green'}]{status}[/] {job.name} seed={job.seed} fold={job.fold} (test {','.join(job.test_ids)}) {dt:.1f} s")
+
+    def argv_for_fold(k: int) -> list[str]:
+        argv = ["benchmark", "--data", str(data), "--out", str(out), "--methods", methods, "--split", split, "--seeds", seeds, "--preset", preset, "--fold", str(k), "--resume", "--no-report"]
+        if dataset:
+            argv += ["--dataset", dataset]
+        if transductive_genes:
+            argv.append("--transductive-genes")
+        if ablation:
+            argv.append("--ablation")
+        for o in overrides or []:
+            argv += ["--set", o]
+        return argv
+
+    run_benchmark(spec, out, resume=resume, only_fold=fold, jobs_parallel=jobs, on_job=on_job, argv_for_fold=argv_for_fold)
+    console.print(f"benchmark finished in {(time.perf_counter() - t0) / 60:.1f} min -> {out}")
+    if report and fold is None:
+        from cmrcnet.report import build_report
+
+        html, md = build_report(out)
+        console.print(f"report: {html} and {md}")
+
+
+def report_cmd(bench_dir: Path = typer.Argument(..., help="Benchmark directory.")) -> None:
+    """Tables, figures and one self-contained HTML page for a benchmark directory."""
+    from cmrcnet.report import build_report
+
+    html, md = build_report(bench_dir)
+    console.print(f"report: {html} and {md}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("benchmark")(benchmark_cmd)
+    app.command("report")(report_cmd)

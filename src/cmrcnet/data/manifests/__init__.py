@@ -1,0 +1,1 @@
+"""Packaged dataset manifests (YAML), read by :mod:`cmrcnet.data.manifest`."""

@@ -1,0 +1,138 @@
+"""From samples to batches: the fold's patch stores and expression, and fast loaders.
+
+Patches stay uint8 in RAM; a batch is gathered with one fancy-indexing call and
+converted to float on the fly, so the loader never touches AnnData or HDF5 per item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0
+
+
+@dataclass
+class SpotTable:
+    """All spots of a set of samples, concatenated: the unit every loader reads from."""
+
+    imgs: np.ndarray  # (N, S, S, 3) uint8
+    expr: np.ndarray  # (N, G) float32 (zeros when unknown)
+    pos: np.ndarray  # (N, 2) int64
+    sample_ids: np.ndarray  # (N,) str
+    barcodes: np.ndarray  # (N,) str
+    slide_index: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.imgs.shape[0])
+
+    def subset(self, rows: np.ndarray) -> "SpotTable":
+        rows = np.asarray(rows)
+        t = SpotTable(self.imgs[rows], self.expr[rows], self.pos[rows], self.sample_ids[rows], self.barcodes[rows])
+        t.slide_index = _slide_index(t.sample_ids)
+        return t
+
+    @property
+    def spot_ids(self) -> np.ndarray:
+        return np.char.add(np.char.add(self.sample_ids.astype(str), ":"), self.barcodes.astype(str))
+
+
+def _slide_index(sample_ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {sid: np.flatnonzero(sample_ids == sid) for sid in dict.fromkeys(sample_ids.tolist())}
+
+
+def concat_tables(parts: list[SpotTable]) -> SpotTable:
+    t = SpotTable(
+        np.concatenate([p.imgs for p in parts]),
+        np.concatenate([p.expr for p in parts]).astype(np.float32, copy=False),
+        np.concatenate([p.pos for p in parts]).astype(np.int64, copy=False),
+        np.concatenate([p.sample_ids for p in parts]),
+        np.concatenate([p.barcodes for p in parts]),
+    )
+    t.slide_index = _slide_index(t.sample_ids)
+    return t
+
+
+def to_float_images(imgs_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ImageNet-normalised."""
+    x = imgs_uint8.permute(0, 3, 1, 2).float()
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/90-degree rotations of (..., H, W) images (k in 0..7)."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+class BatchedSpots(Dataset):
+    """Dataset whose ``__getitem__`` takes a list of rows and returns a whole batch."""
+
+    def __init__(self, table: SpotTable, augment: bool = False, seed: int = 0) -> None:
+        self.table = table
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        rows_arr = np.asarray(rows, dtype=np.int64)
+        imgs = torch.from_numpy(np.ascontiguousarray(self.table.imgs[rows_arr]))
+        if self.augment:
+            ks = self.rng.integers(0, 8, size=len(rows_arr))
+            imgs = torch.stack([dihedral(im.permute(2, 0, 1), int(k)).permute(1, 2, 0) for im, k in zip(imgs, ks)])
+        return {
+            "img": to_float_images(imgs),
+            "expr": torch.from_numpy(self.table.expr[rows_arr]),
+            "pos": torch.from_numpy(self.table.pos[rows_arr]),
+            "index": torch.from_numpy(rows_arr),
+        }
+
+
+class SlideSampler(Sampler[list[int]]):
+    """Yields all rows of one slide per batch (HisToGene-style sequence models)."""
+
+    def __init__(self, table: SpotTable, shuffle: bool, seed: int = 0) -> None:
+        self.groups = list(table.slide_index.values())
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        order = self.rng.permutation(len(self.groups)) if self.shuffle else np.arange(len(self.groups))
+        for i in order:
+            yield self.groups[int(i)].tolist()
+
+
+def make_loader(
+    table: SpotTable,
+    batch_size: int,
+    shuffle: bool,
+    augment: bool,
+    batching: str = "spot",
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    ds = BatchedSpots(table, augment=augment, seed=seed)
+    if batching == "slide":
+        sampler: Sampler = SlideSampler(table, shuffle=shuffle, seed=seed)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        base = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+        sampler = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
+    return DataLoader(
+        ds,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,312 @@
+"""Train one method on one fold and write a self-contained run directory.
+
+Run directory layout::
+
+    RUN/config.yaml    resolved configuration (seed included)
+    RUN/split.json     train/test sample ids and validation spots
+    RUN/genes.txt      the predicted genes, in model order
+    RUN/checkpoints/   Lightning checkpoints (best by validation loss, last)
+    RUN/logs/          CSV logs
+    RUN/model.pt       final weights + config + genes (what ``predict`` loads)
+    RUN/bank.npz       retrieval methods: gene embeddings + expression of all training spots
+    RUN/done.json      written last: the run is complete (``--resume`` skips it)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmrcnet.config import RunConfig
+from cmrcnet.data.sample import Sample
+from cmrcnet.errors import InputError
+from cmrcnet.models import get_method
+from cmrcnet.models.base import ExpressionModel
+from cmrcnet.training.data import SpotTable, concat_tables, make_loader
+from cmrcnet.utils import atomic_path, seed_everything, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldData:
+    """Everything a method needs for one fold, already in model space."""
+
+    genes: list[str]
+    train: SpotTable
+    val: SpotTable | None
+    test: dict[str, SpotTable]
+    train_ids: list[str]
+    test_ids: list[str]
+    markers: list[str]
+
+
+# -- samples ---------------------------------------------------------------------------------
+def load_samples(cfg: RunConfig, sample_ids: list[str] | None = None) -> list[Sample]:
+    """Read the dataset named by ``cfg.data`` (all samples, or the manifest's / the given ones)."""
+    from cmrcnet.data.readers import read_dataset
+
+    if not cfg.data.path:
+        raise InputError("no dataset given (use --data PATH)")
+    manifest = resolve_manifest(cfg)
+    ids = sample_ids
+    if ids is None and manifest is not None and cfg.data.dataset:
+        from cmrcnet.data.manifest import check_hest_folder
+
+        ids = check_hest_folder(cfg.data.path, manifest) if manifest.format == "hest" else manifest.sample_ids()
+    samples = read_dataset(cfg.data.path, sample_ids=ids, dataset=manifest.name if manifest else "")
+    if manifest is not None:
+        patients = manifest.patients()
+        for s in samples:
+            if s.sample_id in patients and (not s.patient_id or s.patient_id == s.sample_id):
+                s.patient_id = patients[s.sample_id]
+    if not samples:
+        raise InputError("the dataset holds no sample", cfg.data.path)
+    return samples
+
+
+def resolve_manifest(cfg: RunConfig):
+    from cmrcnet.data.manifest import find_manifest_for_path, load_manifest
+
+    if cfg.data.dataset:
+        return load_manifest(cfg.data.dataset)
+    return find_manifest_for_path(cfg.data.path) if cfg.data.path else None
+
+
+def resolve_markers(cfg: RunConfig) -> list[str]:
+    if cfg.genes.markers:
+        return list(cfg.genes.markers)
+    manifest = resolve_manifest(cfg)
+    return list(manifest.markers) if manifest is not None else []
+
+
+def spot_positions(sample: Sample) -> np.ndarray:
+    """Array (row, col) of each spot; from the spot grid when the format has none."""
+    obs = sample.adata.obs
+    if "array_row" in obs and "array_col" in obs:
+        return np.stack([obs["array_row"].to_numpy(), obs["array_col"].to_numpy()], 1).astype(np.int64)
+    pitch_px = (sample.pitch_um or 2 * sample.spot_diameter_um) / sample.um_per_px
+    xy = sample.coords_px
+    rc = np.round((xy[:, ::-1] - xy[:, ::-1].min(0)) / max(pitch_px, 1e-6))
+    return rc.astype(np.int64)
+
+
+def sample_table(sample: Sample, genes: list[str], cfg: RunConfig, with_expr: bool = True) -> SpotTable:
+    from cmrcnet.data.genes import expression_matrix
+    from cmrcnet.data.patches import get_patch_store
+
+    store = get_patch_store(sample, cfg.patches.size_um, cfg.patches.size_px, cfg.data.cache_dir)
+    n = sample.n_spots
+    if with_expr:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            expr = expression_matrix(sample, genes, cfg.genes.target_sum)
+        for w in caught:
+            log.warning("%s: %s", sample.sample_id, w.message)
+    else:
+        expr = np.zeros((n, len(genes)), np.float32)
+    t = SpotTable(
+        imgs=store.imgs,
+        expr=np.asarray(expr, np.float32),
+        pos=spot_positions(sample),
+        sample_ids=np.array([sample.sample_id] * n),
+        barcodes=np.asarray(sample.adata.obs_names.astype(str)),
+    )
+    return concat_tables([t])
+
+
+def prepare_fold(samples: list[Sample], train_ids: list[str], test_ids: list[str], cfg: RunConfig, run_dir: Path | None = None) -> FoldData:
+    """Select genes on the training samples, cut patches, build the train/val/test tables."""
+    from cmrcnet.data.genes import select_genes
+    from cmrcnet.data.splits import validation_mask
+
+    by_id = {s.sample_id: s for s in samples}
+    missing = [i for i in train_ids + test_ids if i not in by_id]
+    if missing:
+        raise InputError(f"unknown sample id(s): {', '.join(missing)} (have: {', '.join(by_id)})", cfg.data.path)
+    markers = resolve_markers(cfg)
+    genes = select_genes(samples, train_ids, cfg.genes, markers if cfg.genes.include_markers else None)
+    train_parts = [sample_table(by_id[i], genes, cfg) for i in train_ids]
+    val_masks = validation_mask({i: by_id[i].n_spots for i in train_ids}, cfg.split.val_fraction, cfg.seed)
+    spec = get_method(cfg.method)
+    if spec.model_cls.batching == "slide" or cfg.split.val_fraction <= 0:
+        val_masks = {i: np.zeros(by_id[i].n_spots, bool) for i in train_ids}
+    tr = concat_tables([p.subset(np.flatnonzero(~val_masks[i])) for p, i in zip(train_parts, train_ids)])
+    va_parts = [p.subset(np.flatnonzero(val_masks[i])) for p, i in zip(train_parts, train_ids) if val_masks[i].any()]
+    va = concat_tables(va_parts) if va_parts else None
+    if cfg.train.shuffle_labels:
+        perm = np.random.default_rng(cfg.seed).permutation(len(tr))
+        tr.expr = tr.expr[perm]
+    test = {i: sample_table(by_id[i], genes, cfg) for i in test_ids}
+    if run_dir is not None:
+        from cmrcnet.data.splits import Fold, save_split
+
+        save_split(run_dir / "split.json", Fold(0, list(train_ids), list(test_ids), cfg.split.scheme, cfg.seed), val_masks)
+    return FoldData(genes, tr, va, test, list(train_ids), list(test_ids), markers)
+
+
+# -- models ----------------------------------------------------------------------------------
+def build_model(cfg: RunConfig, n_genes: int) -> ExpressionModel:
+    spec = get_method(cfg.method)
+    model_cfg = dict(cfg.model)
+    if "img_size" in model_cfg and model_cfg["img_size"] is None:
+        model_cfg["img_size"] = cfg.patches.size_px
+    return spec.build(model_cfg, n_genes)
+
+
+def _trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    monitor = "val/loss" if has_val else "train/loss"
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode="min",
+        save_last=True,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    callbacks = [ckpt]
+    show_bar = sys.stderr.isatty() and not os.environ.get("CI")
+    if show_bar:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=False))
+    t = cfg.train
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        max_epochs=t.epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        callbacks=callbacks,
+        logger=CSVLogger(str(run_dir), name="logs", version=""),
+        enable_progress_bar=show_bar,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        val_check_interval=t.val_check_interval,
+        deterministic=False,
+    ), ckpt
+
+
+def _fit_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_dir: Path, resume: bool) -> dict:
+    from cmrcnet.training.lit import LitMethod
+
+    t = cfg.train
+    batching = type(model).batching
+    drop_last = batching == "spot" and len(fold.train) > t.batch_size
+    train_loader = make_loader(fold.train, t.batch_size, True, t.augment, batching, t.num_workers, cfg.seed, drop_last)
+    val_loader = (
+        make_loader(fold.val, t.batch_size, False, False, batching, 0, cfg.seed) if fold.val is not None else None
+    )
+    model.on_train_start(torch.from_numpy(fold.train.expr))
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lit = LitMethod(model, t, steps_per_epoch=len(train_loader))
+    trainer, ckpt = _trainer(cfg, run_dir, val_loader is not None)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if resume and last.is_file() else None
+    trainer.fit(lit, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    best = ckpt.best_model_path
+    if best and Path(best).is_file():
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        lit.load_state_dict(state)
+    return {
+        "best_checkpoint": str(best) if best else None,
+        "best_score": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
+        "global_step": int(trainer.global_step),
+        "epochs_run": int(trainer.current_epoch),
+    }
+
+
+def _fit_closed_form(model: ExpressionModel, fold: FoldData, cfg: RunConfig) -> dict:
+    table = fold.train if fold.val is None else concat_tables([fold.train, fold.val])
+    loader = make_loader(table, max(cfg.train.batch_size, 64), False, False, "spot", 0, cfg.seed)
+    model.fit_closed_form(loader)
+    return {"n_train": len(table)}
+
+
+def save_model(path: Path, model: ExpressionModel, cfg: RunConfig, genes: list[str]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(
+            {"state_dict": model.state_dict(), "config": cfg.to_dict(), "genes": genes, "method": cfg.method},
+            tmp,
+        )
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    test_ids: list[str],
+    train_ids: list[str] | None = None,
+    samples: list[Sample] | None = None,
+    resume: bool = False,
+) -> Path:
+    """Train ``cfg.method`` with ``test_ids`` held out; returns the completed run directory."""
+    run_dir = Path(run_dir)
+    if resume and (run_dir / "done.json").is_file():
+        log.info("run %s already complete; skipping", run_dir)
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    samples = samples if samples is not None else load_samples(cfg)
+    ids = [s.sample_id for s in samples]
+    unknown = [i for i in test_ids if i not in ids]
+    if unknown:
+        raise InputError(f"held-out sample(s) not in the dataset: {', '.join(unknown)} (have: {', '.join(ids)})", cfg.data.path)
+    train_ids = train_ids if train_ids is not None else [i for i in ids if i not in test_ids]
+    if not train_ids:
+        raise InputError("no training sample left after holding out the test sample(s)", cfg.data.path)
+    write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    fold = prepare_fold(samples, train_ids, list(test_ids), cfg, run_dir)
+    write_text_atomic(run_dir / "genes.txt", "\n".join(fold.genes) + "\n")
+    t_data = time.perf_counter() - t0
+    seed_everything(cfg.seed)
+    model = build_model(cfg, len(fold.genes))
+    t1 = time.perf_counter()
+    if type(model).trainable:
+        info = _fit_gradient(model, fold, cfg, run_dir, resume)
+    else:
+        info = _fit_closed_form(model, fold, cfg)
+    t_train = time.perf_counter() - t1
+    model.eval()
+    save_model(run_dir / "model.pt", model, cfg, fold.genes)
+    if type(model).kind == "retrieval":
+        from cmrcnet.retrieval import build_bank
+
+        table = fold.train if fold.val is None else concat_tables([fold.train, fold.val])
+        bank = build_bank(model, table.expr, fold.genes, table.spot_ids)
+        bank.save(run_dir / "bank.npz")
+    write_json_atomic(
+        run_dir / "done.json",
+        {
+            "method": cfg.method,
+            "train_ids": train_ids,
+            "test_ids": list(test_ids),
+            "n_genes": len(fold.genes),
+            "n_train_spots": len(fold.train),
+            "n_val_spots": 0 if fold.val is None else len(fold.val),
+            "data_seconds": round(t_data, 2),
+            "train_seconds": round(t_train, 2),
+            "total_seconds": round(time.perf_counter() - t0, 2),
+            **info,
+        },
+    )
+    return run_dir

@@ -1,0 +1,211 @@
+"""Retrieval: exact top-k against brute force, backends agree, shards merge, IVF recall, averaging, banks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmrcnet.errors import ConfigError, InputError
+from cmrcnet.retrieval import (
+    Bank,
+    ShardedIndex,
+    build_bank,
+    embed_images,
+    l2_normalise,
+    predict_from_neighbours,
+    search,
+)
+
+
+def brute_force(q: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    s = qn.astype(np.float64) @ kn.T.astype(np.float64)
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, idx, 1), idx
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(40, 16)).astype(np.float32), rng.normal(size=(500, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss-flat", "auto"])
+def test_exact_topk_matches_brute_force(data, backend: str) -> None:
+    q, keys = data
+    sims, idx = search(q * 3.0, keys * 0.5, k=7, backend=backend)  # scaling must not matter
+    ref_s, ref_i = brute_force(q, keys, 7)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    assert sims.dtype == np.float32 and idx.dtype == np.int64
+    assert np.all(np.diff(sims, axis=1) <= 1e-7)
+
+
+def test_torch_and_faiss_flat_agree_and_chunking(data) -> None:
+    q, keys = data
+    st, it = search(q, keys, 10, "torch", chunk_bytes=4 * 500 * 3)  # 3 query rows per chunk
+    sf, if_ = search(q, keys, 10, "faiss-flat")
+    np.testing.assert_array_equal(it, if_)
+    np.testing.assert_allclose(st, sf, atol=1e-5)
+
+
+def test_k_larger_than_bank_is_clipped_and_bad_inputs(data) -> None:
+    q, keys = data
+    s, i = search(q, keys[:5], 50, "torch")
+    assert i.shape == (40, 5) and sorted(i[0].tolist()) == list(range(5))
+    with pytest.raises(InputError):
+        search(q, keys[:, :8], 3)
+    with pytest.raises(ConfigError):
+        search(q, keys, 3, backend="annoy")
+    with pytest.raises(ConfigError):
+        search(q, keys, 0)
+
+
+def test_sharded_index_equals_single_index(data, tmp_path) -> None:
+    q, keys = data
+    ref_s, ref_i = search(q, keys, 9, "faiss-flat")
+    shards = [keys[:180], keys[180:]]
+    for backend in ("faiss-flat", "torch"):
+        s, i = ShardedIndex(shards, backend).search(q, 9)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    paths = []
+    for n, sh in enumerate(shards):
+        p = tmp_path / f"shard{n}.npy"
+        np.save(p, sh)
+        paths.append(p)
+    s, i = ShardedIndex(paths).search(q, 9)
+    np.testing.assert_array_equal(i, ref_i)
+    # a shard smaller than k still merges correctly
+    s, i = ShardedIndex([keys[:4], keys[4:]]).search(q, 9)
+    np.testing.assert_array_equal(i, ref_i)
+
+
+def _clustered(n_keys: int, n_q: int, d: int = 32, clusters: int = 40, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d))
+    keys = centres[rng.integers(0, clusters, n_keys)] + 0.3 * rng.normal(size=(n_keys, d))
+    qs = centres[rng.integers(0, clusters, n_q)] + 0.3 * rng.normal(size=(n_q, d))
+    return qs.astype(np.float32), keys.astype(np.float32)
+
+
+@pytest.mark.parametrize("backend, kwargs", [("faiss-ivf", {}), ("faiss-hnsw", {})])
+def test_approximate_recall_on_clustered_data(backend: str, kwargs: dict) -> None:
+    q, keys = _clustered(4000, 100)
+    _, exact = search(q, keys, 10, "torch")
+    _, approx = search(q, keys, 10, backend, **kwargs)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9, recall
+
+
+def test_auto_switches_to_ivf_above_threshold() -> None:
+    q, keys = _clustered(2000, 20)
+    _, exact = search(q, keys, 5, "torch")
+    _, auto = search(q, keys, 5, "auto", auto_exact_max=100, nprobe=64)
+    recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(auto, exact)])
+    assert recall >= 0.95
+
+
+def test_predict_mean_and_spread() -> None:
+    rng = np.random.default_rng(0)
+    expr = rng.random((30, 6)).astype(np.float32)
+    idx = np.array([[0, 5, 7], [3, 3, 29]])
+    sims = np.array([[0.9, 0.5, 0.1], [0.8, 0.2, -0.5]], np.float32)
+    pred, spread = predict_from_neighbours(sims, idx, expr)
+    np.testing.assert_allclose(pred, expr[idx].mean(1), rtol=1e-6)
+    np.testing.assert_allclose(spread, expr[idx].std(1), rtol=1e-5, atol=1e-7)
+    # similarity weighting: w ∝ max(sim, 0)
+    pred_w, _ = predict_from_neighbours(sims, idx, expr, "similarity")
+    w = np.maximum(sims, 0)
+    w = w / w.sum(1, keepdims=True)
+    np.testing.assert_allclose(pred_w, (w[:, :, None] * expr[idx]).sum(1), rtol=1e-5)
+    # softmax weighting: w ∝ exp(sim / T)
+    pred_s, _ = predict_from_neighbours(sims, idx, expr, "softmax", temperature=0.5)
+    w = np.exp(sims / 0.5)
+    w = w / w.sum(1, keepdims=True)
+    np.testing.assert_allclose(pred_s, (w[:, :, None] * expr[idx]).sum(1), rtol=1e-5)
+    # all similarities <= 0 -> plain mean, not a division by zero
+    p0, _ = predict_from_neighbours(-np.abs(sims), idx, expr, "similarity")
+    np.testing.assert_allclose(p0, pred, rtol=1e-6)
+    with pytest.raises(ConfigError):
+        predict_from_neighbours(sims, idx, expr, "median")
+
+
+def test_predict_ignores_missing_neighbours() -> None:
+    expr = np.arange(12, dtype=np.float32).reshape(4, 3)
+    pred, _ = predict_from_neighbours(np.array([[0.9, -np.inf]]), np.array([[2, -1]]), expr)
+    np.testing.assert_allclose(pred, expr[[2]])
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+def test_bank_roundtrip_is_atomic(tmp_path, suffix: str) -> None:
+    rng = np.random.default_rng(0)
+    bank = Bank(
+        l2_normalise(rng.normal(size=(5, 4))),
+        rng.random((5, 3)).astype(np.float32),
+        ["A", "B", "C"],
+        np.array([f"s1:bc{i}" for i in range(5)]),
+    )
+    path = tmp_path / f"bank{suffix}"
+    bank.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left
+    back = Bank.load(path)
+    np.testing.assert_array_equal(back.embeddings, bank.embeddings)
+    np.testing.assert_array_equal(back.expression, bank.expression)
+    assert back.genes == bank.genes and back.spot_ids.tolist() == bank.spot_ids.tolist()
+    with pytest.raises(InputError):
+        Bank.load(tmp_path / "missing.npz")
+
+
+def test_bank_shape_checks() -> None:
+    with pytest.raises(InputError):
+        Bank(np.zeros((3, 4)), np.zeros((2, 2)), ["a", "b"], np.array(["x", "y", "z"]))
+    with pytest.raises(InputError):
+        Bank(np.zeros((2, 4)), np.zeros((2, 2)), ["a"], np.array(["x", "y"]))
+
+
+class _ToyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+        self.drop = torch.nn.Dropout(0.9)
+
+    def embed_genes(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.lin(x))
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1)[:, :6])
+
+
+def test_build_bank_uses_eval_mode_and_normalises() -> None:
+    model = _ToyModel().train()
+    expr = np.random.default_rng(0).random((10, 6)).astype(np.float32)
+    bank = build_bank(model, expr, list("abcdef"), [f"s:{i}" for i in range(10)], batch_size=3)
+    assert model.training  # restored
+    with torch.no_grad():
+        ref = model.lin(torch.from_numpy(expr)).numpy()
+    np.testing.assert_allclose(bank.embeddings, l2_normalise(ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(bank.embeddings, axis=1), 1.0, rtol=1e-5)
+    imgs = embed_images(model, np.random.default_rng(1).random((5, 1, 2, 3)).astype(np.float32), batch_size=2)
+    assert imgs.shape == (5, 4)
+
+
+def test_end_to_end_with_cmrcnet_tiny() -> None:
+    from cmrcnet.models.cmrcnet import CMRCNet, CMRCNetConfig
+
+    torch.manual_seed(0)
+    cfg = CMRCNetConfig(
+        encoder="vit_tiny_patch16_224",
+        encoder_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        img_size=32,
+        reconstruction=False,
+    )
+    model = CMRCNet(cfg, 8)
+    expr = np.random.default_rng(0).random((50, 8)).astype(np.float32)
+    bank = build_bank(model, expr, [f"g{i}" for i in range(8)], [f"s:{i}" for i in range(50)])
+    q = embed_images(model, torch.randn(4, 3, 32, 32))
+    sims, idx = search(q, bank.embeddings, 5)
+    pred, spread = predict_from_neighbours(sims, idx, bank.expression)
+    assert pred.shape == spread.shape == (4, 8) and np.isfinite(pred).all()
