@@ -41,7 +41,15 @@ def _register() -> None:
     bench.register(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings about the user's data are one readable line, not a source excerpt."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning
     _register()
     try:
         app(args=argv, standalone_mode=True)

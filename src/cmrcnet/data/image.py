@@ -119,13 +119,40 @@ class SlideImage:
         """Downsampled RGB image and its scale factor (thumbnail px per full-res px)."""
         from PIL import Image
 
-        arr = self._full_array()
-        h, w = arr.shape[:2]
-        scale = min(1.0, max_side / max(h, w))
+        width, height = self.size
+        scale = min(1.0, max_side / max(width, height))
+        arr = self._pyramid_level_at_least(max_side) if self._array is None else None
+        if arr is None:
+            arr = self._full_array()
         if scale >= 1.0:
             return arr.copy(), 1.0
-        im = Image.fromarray(arr).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-        return np.asarray(im), scale
+        out_wh = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return np.asarray(Image.fromarray(arr).resize(out_wh, Image.BILINEAR)), scale
+
+    def _pyramid_level_at_least(self, max_side: int) -> np.ndarray | None:
+        """Smallest pyramid level of a TIFF whose long side is still >= ``max_side``.
+
+        Whole-slide TIFFs (HEST ``wsis/``) can be 100k px wide: decoding level 0 for a
+        thumbnail would need tens of GB, a stored sub-resolution is nearly free.
+        """
+        if not self._is_tiff():
+            return None
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(self.path) as tf:
+                levels = tf.series[0].levels if tf.series else []
+                best = None
+                for lvl in levels[1:]:
+                    axes = lvl.axes
+                    side = max(lvl.shape[axes.index("Y")], lvl.shape[axes.index("X")])
+                    if side >= max_side:
+                        best = lvl
+                if best is None:
+                    return None
+                return _to_rgb_uint8(best.asarray(), self.path)
+        except Exception:  # noqa: BLE001 - fall back to level 0
+            return None
 
     def release(self) -> None:
         """Drop the decoded pixels (they are re-read on demand)."""

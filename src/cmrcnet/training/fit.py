@@ -162,10 +162,22 @@ def build_model(cfg: RunConfig, n_genes: int) -> ExpressionModel:
     return spec.build(model_cfg, n_genes)
 
 
+def quiet_lightning() -> None:
+    """Lightning announces hardware and tips at INFO on every fit; keep the console for our progress."""
+    if log.getEffectiveLevel() <= logging.INFO:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
 def _trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    quiet_lightning()
 
     monitor = "val/loss" if has_val else "train/loss"
     ckpt = ModelCheckpoint(
