@@ -25,7 +25,6 @@ For every method (cmrcnet, bleep, stnet, histogene, ridge-embedding) and preset:
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
@@ -298,13 +297,156 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def measure_peaks(threads_list: list[int], gemm_n: int) -> tuple[dict[tuple[int, str], float], list[dict[str, Any]]]:
+    """Square-GEMM rate per (threads, precision), measured now (same load as the cases)."""
+    import torch
+
+    default = torch.get_num_threads()
+    peaks: dict[tuple[int, str], float] = {}
+    rows = []
+    for th in threads_list:
+        torch.set_num_threads(th)
+        for prec in ("fp32", "bf16"):
+            peaks[(th, prec)] = C.gemm_peak_gflops(prec, gemm_n)
+            rows.append({"threads": th, "precision": prec, "gemm_n": gemm_n, "gflops": peaks[(th, prec)], "load1": C.loadavg()[0]})
+    torch.set_num_threads(default)
+    return peaks, rows
+
+
+def cases_for(method: str, preset: str, args: argparse.Namespace, threads_list: list[int], default_threads: int, conv: bool) -> list[Case]:
+    """The default cases (threads x precisions) plus the requested channels_last / compile variants."""
+    precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
+    base = [Case(method, preset, prec, th) for th in threads_list for prec in precisions]
+    cases = list(base)
+    if args.channels_last and conv:
+        cases += [Case(c.method, c.preset, c.precision, c.threads, channels_last=True) for c in base]
+    if args.compile:
+        cases += [Case(c.method, c.preset, c.precision, c.threads, compile=True) for c in base if c.threads == default_threads]
+    return cases
+
+
+def compute_row(case: Case, res: StepResult, fwd_flops: float, mult: float, peak: float) -> dict[str, Any]:
+    med = C.median(res.times)
+    pps = res.batch / med
+    achieved = mult * fwd_flops * pps / 1e9
+    return {
+        "method": case.method,
+        "preset": case.preset,
+        "precision": case.precision,
+        "threads": case.threads,
+        "channels_last": case.channels_last,
+        "compile": case.compile,
+        "batch": res.batch,
+        "step_ms": 1000 * med,
+        "step_ms_min": 1000 * min(res.times),
+        "step_ms_max": 1000 * max(res.times),
+        "first_step_s": res.first_s,
+        "patches_s": pps,
+        "fwd_gflop_patch": fwd_flops / 1e9,
+        "achieved_gflops": achieved,
+        "peak_gflops": peak,
+        "frac_peak": achieved / peak,
+        "load1": C.loadavg()[0],
+    }
+
+
+def epoch_row(case: Case, model, cfg, step: Callable[[dict], None], wl: Workload, batch: int, pps: float, lightning: bool, rep: C.Report) -> dict[str, Any]:
+    """(b) The same warm model over one epoch of the real loader, next to the loader alone."""
+    from cmrcnet.training.data import make_loader
+
+    t = cfg.train
+    batching = type(model).batching
+    drop_last = batching == "spot" and len(wl.table) > batch
+    loader = make_loader(wl.table, batch, True, t.augment, batching, 0, 0, drop_last)
+    t_loader = loader_only(loader)
+    t_loader_noaug = loader_only(make_loader(wl.table, batch, True, False, batching, 0, 0, drop_last))
+    t_epoch, n_seen, n_batches = run_epoch(step, loader, False)
+    compute_equiv = n_seen / pps
+    row: dict[str, Any] = {
+        "method": case.method,
+        "preset": case.preset,
+        "precision": case.precision,
+        "patches": n_seen,
+        "batches": n_batches,
+        "augment": bool(t.augment),
+        "loader_only_s": t_loader,
+        "loader_no_aug_s": t_loader_noaug,
+        "epoch_s": t_epoch,
+        "compute_only_s": compute_equiv,
+        "ratio": t_epoch / compute_equiv,
+        "load1": C.loadavg()[0],
+    }
+    if lightning and type(model).trainable:
+        try:
+            t_l = lightning_epoch(model, cfg, wl.table, case.precision)
+            row["lightning_epoch_s"] = t_l
+            row["lightning_ratio"] = t_l / compute_equiv
+        except Exception as e:  # noqa: BLE001
+            rep.note(f"lightning epoch {case.label} failed: {type(e).__name__}: {e}")
+    return row
+
+
+@dataclass
+class Collected:
+    compute: list[dict[str, Any]] = field(default_factory=list)
+    epoch: list[dict[str, Any]] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)
+
+
+def wants_profile(spec: str | None, case: Case) -> bool:
+    if not spec:
+        return False
+    want = spec.split("/")
+    return want[0] == case.method and (len(want) == 1 or want[1] == case.precision)
+
+
+def bench_method(method: str, preset: str, wl: Workload, args: argparse.Namespace, peaks: dict, threads_list: list[int],
+                 default_threads: int, out: Collected, rep: C.Report) -> None:
+    """All cases of one method at one preset: compute only, then (default cases) one epoch."""
+    import torch
+
+    probe, _ = build_case_model(method, preset, wl.n_genes, wl.size_px)
+    cases = cases_for(method, preset, args, threads_list, default_threads, has_conv(probe))
+    batch = compute_batch(wl.table, type(probe).batching, args.batch)
+    fwd_flops = forward_flops(probe, batch) / batch["img"].shape[0]
+    mult = 3.0 if type(probe).trainable else 1.0
+    del probe
+    for case in cases:
+        torch.set_num_threads(case.threads)
+        model, cfg = build_case_model(method, preset, wl.n_genes, wl.size_px)
+        model.on_train_start(torch.from_numpy(wl.table.expr))
+        b = batch
+        if case.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            b = to_channels_last(batch)
+        step = make_step(model, case.precision, case.compile)
+        try:
+            res = run_compute(step, b, args.steps, args.warmup)
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing on this CPU
+            rep.note(f"{case.label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            continue
+        peak = peaks.get((case.threads, case.precision)) or C.gemm_peak_gflops(case.precision, args.gemm_n)
+        r = compute_row(case, res, fwd_flops, mult, peak)
+        out.compute.append(r)
+        print(f"  {case.label}: {r['step_ms']:.0f} ms/step, {r['patches_s']:.1f} patches/s, "
+              f"{r['frac_peak']:.1%} of peak (load {r['load1']})", flush=True)
+        is_default = not case.channels_last and not case.compile and case.threads == default_threads
+        if is_default and not out.profiles and wants_profile(args.profile, case):
+            out.profiles[case.label] = profile_step(step, b)
+        if is_default and not args.no_epoch:
+            row = epoch_row(case, model, cfg, step, wl, args.batch, r["patches_s"], args.lightning, rep)
+            out.epoch.append(row)
+            print(f"  {case.label}: epoch {row['epoch_s']:.1f} s, ratio {row['ratio']:.2f}, loader {row['loader_only_s']:.2f} s", flush=True)
+    torch.set_num_threads(default_threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     C.quiet_warnings()
     C.apply_threads(args.threads)
     import torch
 
-    from cmrcnet.training.data import make_loader
+    from cmrcnet.config import make_config
 
     rep = C.Report("train_throughput", args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -312,19 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     presets = [s.strip() for s in args.presets.split(",")] if args.presets else (["cpu", "paper"] if args.paper else ["cpu"])
-    precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
-    threads_list = [int(t) for t in args.threads_list.split(",")] if args.threads_list else [torch.get_num_threads()]
     default_threads = torch.get_num_threads()
-
-    # matmul peak per thread count, measured in this run
-    peaks: dict[tuple[int, str], float] = {}
-    peak_rows = []
-    for th in threads_list:
-        torch.set_num_threads(th)
-        for prec in ("fp32", "bf16"):
-            peaks[(th, prec)] = C.gemm_peak_gflops(prec, args.gemm_n)
-            peak_rows.append({"threads": th, "precision": prec, "gemm_n": args.gemm_n, "gflops": peaks[(th, prec)], "load1": C.loadavg()[0]})
-    torch.set_num_threads(default_threads)
+    threads_list = [int(t) for t in args.threads_list.split(",")] if args.threads_list else [default_threads]
+    peaks, peak_rows = measure_peaks(threads_list, args.gemm_n)
     rep.table("gemm_peak", f"Matmul peak ({args.gemm_n}^3 GEMM, median)", peak_rows)
 
     data_dir = None if args.synthetic else C.her2st_dir(args.data)
@@ -332,133 +464,35 @@ def main(argv: list[str] | None = None) -> int:
         rep.note("her2st not found: using synthetic patches (pass --data to use the real data)")
     workloads: dict[int, Workload] = {}
     samples = None
-
-    def workload_for(preset: str) -> Workload:
-        nonlocal samples
-        from cmrcnet.config import make_config
-
+    out = Collected()
+    for preset in presets:
         size_px = make_config("cmrcnet", preset).patches.size_px
         if size_px not in workloads:
             if data_dir is None:
                 workloads[size_px] = synthetic_workload(size_px, args.synthetic_spots, args.synthetic_genes)
             else:
                 workloads[size_px], samples = her2st_workload(data_dir, preset, samples)
-        return workloads[size_px]
-
-    compute_rows: list[dict[str, Any]] = []
-    epoch_rows: list[dict[str, Any]] = []
-    profiles: dict[str, str] = {}
-    for preset in presets:
-        wl = workload_for(preset)
+        wl = workloads[size_px]
         rep.note(f"preset {preset}: {len(wl.table)} training spots, {wl.n_genes} genes, {wl.size_px} px, {wl.source}")
         for method in methods:
-            cases = []
-            for th in threads_list:
-                for prec in precisions:
-                    cases.append(Case(method, preset, prec, th))
-            probe, _ = build_case_model(method, preset, wl.n_genes, wl.size_px)
-            conv = has_conv(probe)
-            base = [c for c in cases]
-            if args.channels_last and conv:
-                cases += [Case(c.method, c.preset, c.precision, c.threads, channels_last=True) for c in base]
-            if args.compile:
-                cases += [Case(c.method, c.preset, c.precision, c.threads, compile=True) for c in base if c.threads == default_threads]
-            batch = compute_batch(wl.table, type(probe).batching, args.batch)
-            fwd_flops = forward_flops(probe, batch) / batch["img"].shape[0]
-            mult = 3.0 if type(probe).trainable else 1.0
-            del probe
-            for case in cases:
-                torch.set_num_threads(case.threads)
-                model, cfg = build_case_model(method, preset, wl.n_genes, wl.size_px)
-                model.on_train_start(torch.from_numpy(wl.table.expr))
-                b = batch
-                if case.channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-                    b = to_channels_last(batch)
-                step = make_step(model, case.precision, case.compile)
-                try:
-                    res = run_compute(step, b, args.steps, args.warmup)
-                except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing on this CPU
-                    rep.note(f"{case.label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-                    continue
-                med = C.median(res.times)
-                pps = res.batch / med
-                achieved = mult * fwd_flops * pps / 1e9
-                peak = peaks.get((case.threads, case.precision)) or C.gemm_peak_gflops(case.precision, args.gemm_n)
-                compute_rows.append(
-                    {
-                        "method": method,
-                        "preset": preset,
-                        "precision": case.precision,
-                        "threads": case.threads,
-                        "channels_last": case.channels_last,
-                        "compile": case.compile,
-                        "batch": res.batch,
-                        "step_ms": 1000 * med,
-                        "step_ms_min": 1000 * min(res.times),
-                        "step_ms_max": 1000 * max(res.times),
-                        "first_step_s": res.first_s,
-                        "patches_s": pps,
-                        "fwd_gflop_patch": fwd_flops / 1e9,
-                        "achieved_gflops": achieved,
-                        "peak_gflops": peak,
-                        "frac_peak": achieved / peak,
-                        "load1": C.loadavg()[0],
-                    }
-                )
-                if args.profile and not case.channels_last and not case.compile and case.threads == default_threads:
-                    want = args.profile.split("/")
-                    if want[0] == method and (len(want) == 1 or want[1] == case.precision) and not profiles:
-                        profiles[case.label] = profile_step(step, b)
-                if args.no_epoch or case.channels_last or case.compile or case.threads != default_threads:
-                    continue
-                # (b) the same model, warm, over one epoch of the real loader
-                t = cfg.train
-                batching = type(model).batching
-                drop_last = batching == "spot" and len(wl.table) > args.batch
-                loader = make_loader(wl.table, args.batch, True, t.augment, batching, 0, 0, drop_last)
-                t_loader = loader_only(loader)
-                t_epoch, n_seen, n_batches = run_epoch(step, loader, False)
-                compute_equiv = n_seen / pps
-                row = {
-                    "method": method,
-                    "preset": preset,
-                    "precision": case.precision,
-                    "patches": n_seen,
-                    "batches": n_batches,
-                    "augment": bool(t.augment),
-                    "loader_only_s": t_loader,
-                    "epoch_s": t_epoch,
-                    "compute_only_s": compute_equiv,
-                    "ratio": t_epoch / compute_equiv,
-                    "load1": C.loadavg()[0],
-                }
-                if args.lightning and type(model).trainable:
-                    try:
-                        t_l = lightning_epoch(model, cfg, wl.table, case.precision)
-                        row["lightning_epoch_s"] = t_l
-                        row["lightning_ratio"] = t_l / compute_equiv
-                    except Exception as e:  # noqa: BLE001
-                        rep.note(f"lightning epoch {case.label} failed: {type(e).__name__}: {e}")
-                epoch_rows.append(row)
-                del model, step
-    torch.set_num_threads(default_threads)
+            bench_method(method, preset, wl, args, peaks, threads_list, default_threads, out, rep)
 
     rep.table(
         "compute",
         "(a, c) Compute only: fwd+bwd+AdamW on one in-memory batch (ridge: frozen forward), median",
-        compute_rows,
+        out.compute,
         ["method", "preset", "precision", "threads", "channels_last", "compile", "batch", "step_ms", "patches_s",
          "fwd_gflop_patch", "achieved_gflops", "peak_gflops", "frac_peak", "first_step_s", "load1"],
     )
-    if epoch_rows:
-        cols = ["method", "preset", "precision", "patches", "batches", "augment", "loader_only_s", "epoch_s", "compute_only_s", "ratio"]
+    if out.epoch:
+        cols = ["method", "preset", "precision", "patches", "batches", "augment", "loader_only_s", "loader_no_aug_s",
+                "epoch_s", "compute_only_s", "ratio"]
         if args.lightning:
             cols += ["lightning_epoch_s", "lightning_ratio"]
-        rep.table("epoch", "(b) One epoch through training.data.make_loader (ratio = epoch / compute only; target <= 1.2)", epoch_rows, cols + ["load1"])
-    for label, text in profiles.items():
+        rep.table("epoch", "(b) One epoch through training.data.make_loader (ratio = epoch / compute only; target <= 1.2)", out.epoch, cols + ["load1"])
+    for label, text in out.profiles.items():
         print(f"\ntorch.profiler, one training step of {label} (self CPU time):\n{text}")
-    rep.payload["profiles"] = profiles
+    rep.payload["profiles"] = out.profiles
     rep.payload["workloads"] = {str(k): {"spots": len(w.table), "genes": w.n_genes, "size_px": w.size_px, "source": w.source} for k, w in workloads.items()}
     rep.note("FLOPs count matmul/conv/attention ops of one forward (FlopCounterMode); training = 3x forward, ridge = 1x")
     rep.write(C.resolve_out(args.out, "train_throughput", args.smoke))

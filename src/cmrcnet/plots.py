@@ -314,7 +314,9 @@ def spatial_maps(preds: Mapping[str, Any], genes: Sequence[str], out: str | Path
         raise InputError("prediction has no obsm['spatial'] spot coordinates")
     image, scale, diameter = _spatial_meta(first)
     genes = list(genes)
-    ncol = 1 + len(labels)
+    has_obs = "observed" in first.layers  # whole-slide grids have no ground truth
+    off = 1 if has_obs else 0
+    ncol = off + len(labels)
     span = np.ptp(np.asarray(first.obsm["spatial"], dtype=float)[:, :2], axis=0) + 1e-9
     aspect = float(np.clip(span[1] / span[0], 0.4, 2.5))  # row height follows the tissue's shape
     fig = Figure(figsize=(2.9 * ncol, (2.6 * aspect + 0.4) * max(len(genes), 1) + (0.4 if title else 0)),
@@ -327,24 +329,29 @@ def spatial_maps(preds: Mapping[str, Any], genes: Sequence[str], out: str | Path
             for ax in axes[i]:
                 _message(ax, f"{gene}: not predicted")
             continue
-        _, obs = prediction_arrays(first[:, [gene]])
         xy = np.asarray(first.obsm["spatial"], dtype=float)[:, :2] * scale
         d = diameter if diameter else _spot_diameter(xy)
-        coll = _draw_spots(axes[i, 0], xy, obs[:, 0], d, image)
-        fig.colorbar(coll, ax=axes[i, 0], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-        axes[i, 0].set_title(f"{gene}: observed", fontsize=9)
-        for j, label in enumerate(labels, start=1):
+        if has_obs:
+            _, obs = prediction_arrays(first[:, [gene]])
+            coll = _draw_spots(axes[i, 0], xy, obs[:, 0], d, image)
+            fig.colorbar(coll, ax=axes[i, 0], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+            axes[i, 0].set_title(f"{gene}: observed", fontsize=9)
+        for j, label in enumerate(labels, start=off):
             ax = axes[i, j]
             a = preds[label]
             if gene not in a.var_names:
                 _message(ax, f"{gene}: not predicted by {label}")
                 continue
-            pred, obs_j = prediction_arrays(a[:, [gene]])
             xy_j = np.asarray(a.obsm["spatial"], dtype=float)[:, :2] * scale
-            pcc = float(per_gene_metrics(pred, obs_j, [gene])["pcc"].iloc[0])
-            coll = _draw_spots(ax, xy_j, pred[:, 0], d, image)
+            if has_obs and "observed" in a.layers:
+                pred, obs_j = prediction_arrays(a[:, [gene]])
+                pcc = float(per_gene_metrics(pred, obs_j, [gene])["pcc"].iloc[0])
+                ax.set_title(f"{label}: PCC {pcc:.3f}", fontsize=9)
+            else:
+                pred = np.asarray(a[:, [gene]].layers["predicted"] if "predicted" in a.layers else a[:, [gene]].X)
+                ax.set_title(f"{gene}: {label} (predicted)", fontsize=9)
+            coll = _draw_spots(ax, xy_j, np.asarray(pred)[:, 0], d, image)
             fig.colorbar(coll, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-            ax.set_title(f"{label}: PCC {pcc:.3f}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     save_figure(fig, out)

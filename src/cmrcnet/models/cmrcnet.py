@@ -291,7 +291,9 @@ class CMRCNet(ExpressionModel):
             batch_reduction="none",
         )
         lc = per_sample.mean()
-        out: dict[str, torch.Tensor] = {"loss_contrastive": lc}
+        # logged so a DDP run shows its effective negatives (local batch x world size)
+        n_neg = torch.tensor(float(img_all.shape[0]), device=lc.device)
+        out: dict[str, torch.Tensor] = {"loss_contrastive": lc, "n_negatives": n_neg}
         if c.loss_combine == "log1p":
             loss = torch.log1p(lc)
         elif c.loss_combine == "log1p_per_sample":

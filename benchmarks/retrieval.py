@@ -1,0 +1,416 @@
+"""Top-k cosine retrieval at scale: exact torch, FAISS flat / IVF / HNSW, recall vs exact.
+
+10,000 queries, top-50, against banks of 10k, 100k and 1M 256-d embeddings (10M with
+``--gpu`` on a CUDA machine). For each backend: build time, query time, index bytes and
+recall@50 against the exact torch result; IVF is swept over ``nlist`` x ``nprobe`` and
+HNSW over ``efSearch`` (the trade-off curve), and the cheapest setting reaching the
+recall target is reported.
+
+Embeddings come from a real model and real expression: the CMRCNet cpu-preset gene
+encoder (``embed_genes``; initial weights, or a trained run with ``--run``) applied to
+her2st spot expression, augmented to reach millions of rows. Each synthetic spot is a
+mix of two real spots (``lam * a + (1 - lam) * b``, ``lam ~ U(0, 1)``) with 10 % of
+genes dropped to 0 and log-normal noise (sigma 0.1) on the rest, so the bank is a
+continuous cloud around the real data rather than copies of ~1,000 points. References
+are drawn from the training sections, queries from the held-out section (C3).
+Generated banks are cached under ``--cache`` (prefixes of the largest one are the
+smaller banks).
+
+"torch-bf16-rerank" is not in ``cmrcnet.retrieval`` yet: a proposed exact-search variant
+(bf16 matmul on AMX/tensor cores for candidates, fp32 rescoring of the top ``k + pad``).
+
+    python benchmarks/retrieval.py                      # 10k, 100k, 1M (~15 min on 2 cores)
+    python benchmarks/retrieval.py --sizes 10000,100000 --backends torch,faiss-ivf
+    python benchmarks/retrieval.py --gpu                # adds 10M and CUDA exact search
+    python benchmarks/retrieval.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+HELD_OUT = "C3"
+ALL_BACKENDS = ("torch", "torch-bf16-rerank", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+
+
+# -- embeddings ------------------------------------------------------------------------------
+def her2st_seeds(data: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Expression (log1p) of the training spots and of the held-out section, in the fold's genes."""
+    from cmrcnet.config import make_config
+    from cmrcnet.data.genes import expression_matrix, select_genes
+    from cmrcnet.data.readers import read_dataset
+
+    samples = read_dataset(data)
+    cfg = make_config("cmrcnet", "cpu", {"data.path": str(data)})
+    ids = [s.sample_id for s in samples]
+    test = HELD_OUT if HELD_OUT in ids else ids[-1]
+    train_ids = [i for i in ids if i != test]
+    from cmrcnet.training.fit import resolve_markers
+
+    markers = resolve_markers(cfg)
+    genes = select_genes(samples, train_ids, cfg.genes, markers if cfg.genes.include_markers else None)
+    by_id = {s.sample_id: s for s in samples}
+    ref = np.concatenate([expression_matrix(by_id[i], genes, cfg.genes.target_sum) for i in train_ids])
+    qry = expression_matrix(by_id[test], genes, cfg.genes.target_sum)
+    return ref.astype(np.float32), qry.astype(np.float32), f"her2st {len(train_ids)} sections -> {test}"
+
+
+def gene_encoder(n_genes: int, run: Path | None, preset: str, seed: int = 0):
+    """``embed_genes`` of a trained run, or of the preset's model at its initial weights."""
+    import torch
+
+    if run is not None:
+        from cmrcnet.training import load_run
+
+        r = load_run(run)
+        return r.model.eval(), f"trained run {run}"
+    from cmrcnet.config import make_config
+    from cmrcnet.training.fit import build_model
+
+    torch.manual_seed(seed)
+    cfg = make_config("cmrcnet", preset)
+    return build_model(cfg, n_genes).eval(), f"cmrcnet {preset} preset, initial weights (seed {seed})"
+
+
+def augment_embed(model, seeds: np.ndarray, n: int, seed: int, device: str = "cpu", chunk: int = 8192,
+                  drop: float = 0.1, sigma: float = 0.1) -> np.ndarray:
+    """``n`` L2-normalised gene embeddings of augmented mixes of rows of ``seeds`` (see module doc)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = torch.from_numpy(seeds).to(device)
+    model = model.to(device)
+    out = np.empty((n, 0), np.float32)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            i = torch.randint(0, len(base), (m,), generator=g, device=device)
+            j = torch.randint(0, len(base), (m,), generator=g, device=device)
+            lam = torch.rand((m, 1), generator=g, device=device)
+            x = lam * base[i] + (1 - lam) * base[j]
+            x = x * (torch.rand(x.shape, generator=g, device=device) >= drop)
+            x = x * torch.exp(sigma * torch.randn(x.shape, generator=g, device=device))
+            e = model.embed_genes(x).float()
+            parts.append(torch.nn.functional.normalize(e, dim=1).cpu().numpy())
+    out = np.concatenate(parts) if parts else out
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def cached(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
+    if path.is_file():
+        return np.load(path, mmap_mode=None)
+    arr = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(path)
+    return arr
+
+
+# -- search variants -------------------------------------------------------------------------
+def search_bf16_rerank(q: np.ndarray, keys: np.ndarray, k: int, pad: int, chunk_rows: int = 256, kb=None, kf=None):
+    """Proposed exact-search variant: bf16 scores pick ``k + pad`` candidates, fp32 rescoring ranks them."""
+    import torch
+
+    kf = torch.from_numpy(keys) if kf is None else kf
+    kb = kf.to(torch.bfloat16) if kb is None else kb
+    qf = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    c = min(k + pad, kf.shape[0])
+    sims = np.empty((len(q), k), np.float32)
+    idx = np.empty((len(q), k), np.int64)
+    with torch.no_grad():
+        for s in range(0, len(q), chunk_rows):
+            qc = qf[s : s + chunk_rows]
+            cand = torch.topk(qc.to(torch.bfloat16) @ kb.T, c, dim=1, sorted=False).indices
+            exact = torch.einsum("rd,rcd->rc", qc, kf[cand])
+            v, j = torch.topk(exact, k, dim=1, largest=True, sorted=True)
+            sims[s : s + len(qc)] = v.numpy()
+            idx[s : s + len(qc)] = torch.gather(cand, 1, j).numpy()
+    return sims, idx
+
+
+def search_torch_device(q: np.ndarray, keys_dev, k: int, chunk_bytes: int = 2 << 30):
+    """Exact top-k on a CUDA device (keys already there); query blocks bounded by ``chunk_bytes``."""
+    import torch
+
+    dev = keys_dev.device
+    rows = max(1, chunk_bytes // (keys_dev.element_size() * keys_dev.shape[0]))
+    sims = np.empty((len(q), k), np.float32)
+    idx = np.empty((len(q), k), np.int64)
+    qd = torch.from_numpy(q).to(dev, keys_dev.dtype)
+    for s in range(0, len(q), rows):
+        v, i = torch.topk(qd[s : s + rows] @ keys_dev.T, k, dim=1)
+        sims[s : s + rows] = v.float().cpu().numpy()
+        idx[s : s + rows] = i.cpu().numpy()
+    torch.cuda.synchronize()
+    return sims, idx
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx ∩ exact| / k (``-1`` never matches)."""
+    k = exact.shape[1]
+    a = np.sort(approx, axis=1)
+    hits = 0
+    for row_a, row_e in zip(a, exact):
+        hits += int(np.isin(row_e, row_a, assume_unique=False).sum())
+    return hits / (k * len(exact))
+
+
+def progress(r: dict[str, Any]) -> None:
+    """One line per measurement while a long run goes on (the tables come at the end)."""
+    keys = ("bank", "backend", "params", "build_s", "query_s", "recall", "load1")
+    print("  " + "  ".join(f"{k}={C.fmt(r.get(k))}" for k in keys), flush=True)
+
+
+def index_bytes(index) -> int:
+    import faiss
+
+    return int(faiss.serialize_index(index).size)
+
+
+# -- one bank size ---------------------------------------------------------------------------
+def ivf_nlists(m: int, spec: str) -> list[int]:
+    if spec != "auto":
+        return [int(x) for x in spec.split(",")]
+    base = 2 ** round(math.log2(max(1.0, math.sqrt(m))))
+    return sorted({max(1, min(n, m // 39)) for n in (base, 2 * base)})
+
+
+def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, backends: list[str]) -> tuple[list, list]:
+    """Rows of the summary and of the trade-off curve for one bank."""
+    import faiss
+    import torch
+
+    from cmrcnet.retrieval import build_faiss_index, search
+
+    m, d = keys.shape
+    rows: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+
+    def row(backend: str, params: str, build_s: float, query_s: float, nbytes: int, recall: float, queries: int) -> dict:
+        r = {
+            "bank": m,
+            "backend": backend,
+            "params": params,
+            "build_s": build_s,
+            "query_s": query_s,
+            "query_s_10k": query_s * 10_000 / queries,
+            "queries_timed": queries,
+            "ms_per_query": 1000 * query_s / queries,
+            "index_mb": nbytes / 2**20,
+            "recall": recall,
+            "load1": C.loadavg()[0],
+        }
+        progress(r)
+        return r
+
+    t = time.perf_counter()
+    ex_s, ex_i = search(q, keys, k, backend="torch")
+    t_exact = time.perf_counter() - t
+    if "torch" in backends:
+        rows.append(row("torch", "exact fp32, chunk 256 MiB", 0.0, t_exact, keys.nbytes, 1.0, len(q)))
+    if "torch-bf16-rerank" in backends:
+        kf = torch.from_numpy(keys)
+        t = time.perf_counter()
+        kb = kf.to(torch.bfloat16)
+        b_s = time.perf_counter() - t
+        for pad in [int(p) for p in args.rerank_pad.split(",")]:
+            t = time.perf_counter()
+            _, i = search_bf16_rerank(q, keys, k, pad, kb=kb, kf=kf)
+            rows.append(row("torch-bf16-rerank", f"pad {pad} (proposed)", b_s, time.perf_counter() - t, keys.nbytes + kb.numel() * 2, recall_at_k(i, ex_i), len(q)))
+        del kb, kf
+    if "faiss-flat" in backends:
+        nq = len(q) if m < args.flat_cap_from else min(len(q), args.flat_query_cap)
+        t = time.perf_counter()
+        index = build_faiss_index(keys, "faiss-flat")
+        b_s = time.perf_counter() - t
+        t = time.perf_counter()
+        _, i = index.search(q[:nq], k)
+        rows.append(row("faiss-flat", "exact", b_s, time.perf_counter() - t, index_bytes(index), recall_at_k(i, ex_i[:nq]), nq))
+        del index
+    if "faiss-ivf" in backends:
+        nlists = ivf_nlists(m, args.ivf_nlist)
+        settings = [(nl, int(args.ivf_train_per_list) * nl) for nl in nlists]
+        if m <= args.ivf_default_max:
+            settings.insert(0, (0, 0))  # the module's defaults
+        for nlist, max_train in settings:
+            kw: dict[str, Any] = {} if nlist == 0 else {"nlist": nlist, "max_train": max_train}
+            t = time.perf_counter()
+            index = build_faiss_index(keys, "faiss-ivf", **kw)
+            b_s = time.perf_counter() - t
+            nb = index_bytes(index)
+            label = f"nlist {index.nlist}" + (" (module defaults)" if nlist == 0 else f", train {min(max_train, m):,}")
+            label += f", imbalance {index.invlists.imbalance_factor():.1f}"
+
+            best = None
+            for nprobe in [int(p) for p in args.ivf_nprobe.split(",")]:
+                if nprobe > index.nlist:
+                    break
+                index.nprobe = nprobe
+                t = time.perf_counter()
+                _, i = index.search(q, k)
+                qs = time.perf_counter() - t
+                rec = recall_at_k(i, ex_i)
+                curve.append({"bank": m, "backend": "faiss-ivf", "params": f"{label}, nprobe {nprobe}", "build_s": b_s, "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
+                progress(curve[-1])
+                if nlist == 0 and nprobe == max(1, index.nlist // 16):
+                    rows.append(row("faiss-ivf", f"{label}, nprobe {nprobe} (default)", b_s, qs, nb, rec, len(q)))
+                if best is None and rec >= args.recall_target:
+                    best = row("faiss-ivf", f"{label}, nprobe {nprobe}", b_s, qs, nb, rec, len(q))
+                if rec >= args.recall_stop or qs > args.max_query_s:
+                    break
+            if best is not None and nlist != 0:
+                rows.append(best)
+            del index
+    if "faiss-hnsw" in backends and m <= args.hnsw_max:
+        t = time.perf_counter()
+        index = build_faiss_index(keys, "faiss-hnsw", M=args.hnsw_m, ef_construction=args.hnsw_efc)
+        b_s = time.perf_counter() - t
+        nb = index_bytes(index)
+        best = None
+        for ef in [int(e) for e in args.hnsw_ef.split(",")]:
+            index.hnsw.efSearch = ef
+            t = time.perf_counter()
+            _, i = index.search(q, k)
+            qs = time.perf_counter() - t
+            rec = recall_at_k(i, ex_i)
+            label = f"M {args.hnsw_m}, efC {args.hnsw_efc}, efSearch {ef}"
+            curve.append({"bank": m, "backend": "faiss-hnsw", "params": label, "build_s": b_s, "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
+            progress(curve[-1])
+            if best is None and rec >= args.recall_target:
+                best = row("faiss-hnsw", label, b_s, qs, nb, rec, len(q))
+            if rec >= args.recall_stop or qs > args.max_query_s:
+                break
+        if best is None and curve:
+            best = row("faiss-hnsw", curve[-1]["params"] + " (target not reached)", b_s, curve[-1]["query_s"], nb, curve[-1]["recall"], len(q))
+        rows.append(best)
+        del index
+    del faiss
+    return rows, curve
+
+
+def bench_gpu(keys: np.ndarray, q: np.ndarray, k: int) -> list[dict[str, Any]]:
+    import torch
+
+    rows = []
+    m = keys.shape[0]
+    ref = None
+    for dtype in (torch.float32, torch.float16):
+        t = time.perf_counter()
+        kd = torch.from_numpy(keys).to("cuda", dtype)
+        torch.cuda.synchronize()
+        b_s = time.perf_counter() - t
+        search_torch_device(q[:256], kd, k)  # warm-up
+        t = time.perf_counter()
+        _, i = search_torch_device(q, kd, k)
+        qs = time.perf_counter() - t
+        ref = i if ref is None else ref
+        rows.append({"bank": m, "backend": "torch-cuda", "params": str(dtype).replace("torch.", ""), "build_s": b_s, "query_s": qs,
+                     "query_s_10k": qs * 10_000 / len(q), "queries_timed": len(q), "ms_per_query": 1000 * qs / len(q),
+                     "index_mb": kd.numel() * kd.element_size() / 2**20, "recall": recall_at_k(i, ref), "load1": C.loadavg()[0]})
+        del kd
+        torch.cuda.empty_cache()
+    return rows
+
+
+# -- main ------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--backends", default=",".join(ALL_BACKENDS))
+    p.add_argument("--recall-target", type=float, default=0.95)
+    p.add_argument("--recall-stop", type=float, default=0.995, help="stop a sweep once recall reaches this")
+    p.add_argument("--max-query-s", type=float, default=60.0, help="stop a sweep once one query pass takes this long")
+    p.add_argument("--ivf-nlist", default="auto", help="comma list, or auto = 2^round(log2 sqrt(M)) and twice that")
+    p.add_argument("--ivf-nprobe", default="1,2,4,8,16,24,32,48,64,96,128")
+    p.add_argument("--ivf-train-per-list", type=int, default=64, help="k-means training points per list (module default: 256)")
+    p.add_argument("--ivf-default-max", type=int, default=100_000, help="also time the module's IVF defaults up to this bank size")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--hnsw-efc", type=int, default=80)
+    p.add_argument("--hnsw-ef", default="50,64,96,128,192,256,384")
+    p.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest bank to build HNSW for")
+    p.add_argument("--rerank-pad", default="50")
+    p.add_argument("--flat-cap-from", type=int, default=1_000_000, help="from this bank size faiss-flat is timed on --flat-query-cap queries")
+    p.add_argument("--flat-query-cap", type=int, default=2000)
+    p.add_argument("--run", type=Path, default=None, help="use a trained run's gene encoder")
+    p.add_argument("--data", default=None, help="her2st folder")
+    p.add_argument("--cache", type=Path, default=C.DEFAULT_OUT_DIR / "retrieval_cache")
+    p.add_argument("--gpu", action="store_true", help="on CUDA: add a 10M bank and exact search on the GPU")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.queries = "2000,5000", 200
+        args.ivf_nprobe, args.hnsw_ef = "1,4,16", "64,128"
+        args.threads = args.threads or 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    C.quiet_warnings()
+    C.apply_threads(args.threads)
+    import torch
+
+    if args.threads:
+        import faiss
+
+        faiss.omp_set_num_threads(int(args.threads))
+    rep = C.Report("retrieval", args)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    gpu = args.gpu and torch.cuda.is_available()
+    if args.gpu and not gpu:
+        rep.note("--gpu given but CUDA is not available: 10M / GPU rows skipped")
+    if gpu and 10_000_000 not in sizes:
+        sizes.append(10_000_000)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    data = None if args.smoke else C.her2st_dir(args.data)
+    if data is not None:
+        ref_seed, q_seed, src = her2st_seeds(data)
+    else:
+        rng = np.random.default_rng(0)
+        ref_seed = np.log1p(rng.gamma(0.5, 2.0, (400, 200))).astype(np.float32)
+        q_seed = np.log1p(rng.gamma(0.5, 2.0, (50, 200))).astype(np.float32)
+        src = "synthetic gamma expression (smoke / no her2st)"
+    model, enc = gene_encoder(ref_seed.shape[1], args.run, "tiny" if args.smoke else "cpu")
+    if args.run is not None and getattr(model, "n_genes", ref_seed.shape[1]) != ref_seed.shape[1]:
+        raise SystemExit("--run was trained on other genes than the her2st fold used here")
+    dev = "cuda" if gpu else "cpu"
+    key = hashlib.sha1(f"{src}|{enc}|{ref_seed.shape}|{q_seed.shape}".encode()).hexdigest()[:10]
+    t = time.perf_counter()
+    n_max = max(sizes)
+    bank = cached(args.cache / f"bank_{key}_{n_max}.npy", lambda: augment_embed(model, ref_seed, n_max, seed=1, device=dev))
+    queries = cached(args.cache / f"queries_{key}_{args.queries}.npy", lambda: augment_embed(model, q_seed, args.queries, seed=2, device=dev))
+    rep.note(f"embeddings: {src}; encoder: {enc}; dim {bank.shape[1]}; generated/loaded in {time.perf_counter() - t:.1f} s")
+    rep.payload["embeddings"] = {"source": src, "encoder": enc, "dim": int(bank.shape[1]), "cache_key": key}
+    summary: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+    for m in sizes:
+        keys = np.ascontiguousarray(bank[:m])
+        if m <= 2_000_000:
+            r, c = bench_size(rep, keys, queries, args.k, args, backends)
+            summary += r
+            curve += c
+        if gpu:
+            summary += bench_gpu(keys, queries, args.k)
+    cols = ["bank", "backend", "params", "build_s", "query_s", "query_s_10k", "queries_timed", "ms_per_query", "index_mb", "recall", "load1"]
+    rep.table("summary", f"top-{args.k} cosine, {len(queries):,} queries (recall@{args.k} vs exact torch; IVF/HNSW: cheapest setting with recall >= {args.recall_target})", summary, cols)
+    rep.table("tradeoff", "Trade-off curve (query time vs recall)", curve, ["bank", "backend", "params", "build_s", "query_s", "recall", "load1"])
+    rep.write(C.resolve_out(args.out, "retrieval", args.smoke))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The hand-run benchmark scripts in benchmarks/ still run: each in --smoke mode, in a subprocess.
+
+Smoke mode uses tiny presets, synthetic data and one thread, and finishes in seconds on an
+idle 2-core machine (imports included). The numbers are not checked, only that each script
+exits 0, prints its tables and writes a JSON envelope with the machine facts and the load.
+The GPU script is run only when CUDA is available; otherwise its no-GPU exit is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+#: Generous: the budget is ~20 s on an idle machine, but CI boxes and shared machines are loaded.
+TIMEOUT_S = 240
+
+
+def run_script(name: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CMRCNET_CACHE=str(tmp_path / "cache"))
+    return subprocess.run(
+        [sys.executable, str(BENCH / name), "--smoke", "--out", str(tmp_path / "out.json"), *extra],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def check_envelope(path: Path, tables: set[str]) -> dict:
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["cpu_count"] >= 1
+    assert "torch_threads" in payload["machine"]
+    assert isinstance(payload["loadavg_start"], list) and isinstance(payload["loadavg_end"], list)
+    missing = tables - set(payload["tables"])
+    assert not missing, f"tables missing from the JSON: {missing}"
+    for key in tables:
+        assert payload["tables"][key], f"table {key} is empty"
+    return payload
+
+
+def test_train_throughput_smoke(tmp_path: Path) -> None:
+    proc = run_script("train_throughput.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_envelope(tmp_path / "out.json", {"gemm_peak", "compute", "epoch"})
+    methods = {r["method"] for r in payload["tables"]["compute"]}
+    assert methods == {"cmrcnet", "bleep", "stnet", "histogene", "ridge-embedding"}
+    for r in payload["tables"]["compute"]:
+        assert r["patches_s"] > 0 and r["fwd_gflop_patch"] > 0
+    for r in payload["tables"]["epoch"]:
+        assert r["epoch_s"] > 0 and r["ratio"] > 0
+
+
+def test_predict_throughput_smoke(tmp_path: Path) -> None:
+    proc = run_script("predict_throughput.py", tmp_path, "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_envelope(tmp_path / "out.json", {"embed", "section", "grid"})
+    grid = payload["tables"]["grid"][0]
+    assert grid["spots"] >= grid["target"]
+    assert grid["peak_rss_mb"] > 0
+
+
+def test_retrieval_smoke(tmp_path: Path) -> None:
+    proc = run_script("retrieval.py", tmp_path, "--cache", str(tmp_path / "rcache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_envelope(tmp_path / "out.json", {"summary", "tradeoff"})
+    exact = [r for r in payload["tables"]["summary"] if r["backend"] in ("torch", "faiss-flat")]
+    assert exact and all(r["recall"] == pytest.approx(1.0) for r in exact)
+
+
+def test_gpu_paper(tmp_path: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "gpu_paper.py")], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path
+        )
+        assert proc.returncode == 2
+        assert "no CUDA GPU" in proc.stderr
+        return
+    proc = run_script("gpu_paper.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_envelope(tmp_path / "out.json", {"gemm_peak", "train", "loader", "retrieval"})
