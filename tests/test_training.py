@@ -127,3 +127,17 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cmrcnet", "train", "--data", str(tmp_path), "--test", "X", "--out", str(tmp_path / "r"), "--set", "train.nonsense=1"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "nonsense" in r.stderr
 
+
+
+def test_lightning_ddp_two_cpu_processes_gather_negatives(synth, tmp_path):
+    """Lightning DDP on 2 CPU processes (gloo): the contrastive loss sees both processes' spots."""
+    import pandas as pd
+
+    cfg = _cfg(synth, **{"train.epochs": 1, "train.devices": 2, "train.accelerator": "cpu", "train.strategy": "ddp_spawn", "train.batch_size": 16})
+    samples = load_samples(cfg)
+    run = train(cfg, tmp_path / "ddp", [samples[-1].sample_id], samples=samples)
+    assert (run / "model.pt").is_file() and (run / "bank.npz").is_file()
+    metrics = pd.read_csv(run / "logs" / "metrics.csv")
+    negs = metrics["train/n_negatives"].dropna()
+    assert len(negs) > 0
+    assert (negs == 2 * 16).all(), negs.tolist()

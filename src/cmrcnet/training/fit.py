@@ -231,6 +231,10 @@ def _fit_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_di
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     lit = LitMethod(model, t, steps_per_epoch=len(train_loader))
+    if "spawn" in str(t.strategy):
+        # spawned DDP workers receive the model through shared memory; the default
+        # file-descriptor strategy fails on CPU ("unable to resize file")
+        torch.multiprocessing.set_sharing_strategy("file_system")
     trainer, ckpt = _trainer(cfg, run_dir, val_loader is not None)
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
