@@ -66,10 +66,12 @@ class Case:
     threads: int
     channels_last: bool = False
     compile: bool = False
+    optimizer: str = "default"  # torch.optim.AdamW as lit.py builds it; "foreach" / "fused" variants
 
     @property
     def label(self) -> str:
         extra = [f"t{self.threads}"] + (["cl"] if self.channels_last else []) + (["compile"] if self.compile else [])
+        extra += [] if self.optimizer == "default" else [f"adamw-{self.optimizer}"]
         return f"{self.method}/{self.preset}/{self.precision}/{'+'.join(extra)}"
 
 
@@ -158,7 +160,22 @@ def to_channels_last(batch: dict) -> dict:
     return out
 
 
-def make_step(model, precision: str, compile_: bool) -> Callable[[dict], None]:
+def make_optimizer(params: list, kind: str):
+    """AdamW as ``training/lit.py`` builds it (``default``: per-parameter loop on CPU), or its
+    multi-tensor (``foreach``) / fused-kernel (``fused``) implementation."""
+    import torch
+
+    kw = {"lr": 1e-4, "weight_decay": 1e-3}
+    if kind == "foreach":
+        kw["foreach"] = True
+    elif kind == "fused":
+        kw["fused"] = True
+    elif kind != "default":
+        raise SystemExit(f"unknown optimizer variant {kind!r} (default, foreach, fused)")
+    return torch.optim.AdamW(params, **kw)
+
+
+def make_step(model, precision: str, compile_: bool, optimizer: str = "default") -> Callable[[dict], None]:
     """One optimiser step (trainable models) or one frozen forward pass (ridge)."""
     import torch
 
@@ -173,7 +190,7 @@ def make_step(model, precision: str, compile_: bool) -> Callable[[dict], None]:
         return embed_step
 
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-3)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
     loss_fn = torch.compile(model.training_loss) if compile_ else model.training_loss
 
     def train_step(batch: dict) -> None:
@@ -277,6 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads-list", default=None, help="e.g. 1,2: repeat the compute cases per thread count")
     p.add_argument("--channels-last", action="store_true", help="add channels_last variants (conv models)")
     p.add_argument("--compile", action="store_true", help="add torch.compile variants (compile time reported)")
+    p.add_argument("--optimizers", default="default", help="AdamW variants to compare: default,foreach,fused")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch measurement")
     p.add_argument("--lightning", action="store_true", help="also time one epoch through the Lightning trainer")
     p.add_argument("--synthetic", action="store_true", help="synthetic uint8 patches instead of her2st")
@@ -318,6 +336,8 @@ def cases_for(method: str, preset: str, args: argparse.Namespace, threads_list: 
     precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
     base = [Case(method, preset, prec, th) for th in threads_list for prec in precisions]
     cases = list(base)
+    for opt in [o.strip() for o in args.optimizers.split(",") if o.strip() and o.strip() != "default"]:
+        cases += [Case(c.method, c.preset, c.precision, c.threads, optimizer=opt) for c in base if METHODS[method] != "ridge"]
     if args.channels_last and conv:
         cases += [Case(c.method, c.preset, c.precision, c.threads, channels_last=True) for c in base]
     if args.compile:
@@ -336,6 +356,8 @@ def compute_row(case: Case, res: StepResult, fwd_flops: float, mult: float, peak
         "threads": case.threads,
         "channels_last": case.channels_last,
         "compile": case.compile,
+        "optimizer": case.optimizer,
+        "params_m": res.extra.get("params_m"),
         "batch": res.batch,
         "step_ms": 1000 * med,
         "step_ms_min": 1000 * min(res.times),
@@ -419,7 +441,7 @@ def bench_method(method: str, preset: str, wl: Workload, args: argparse.Namespac
         if case.channels_last:
             model = model.to(memory_format=torch.channels_last)
             b = to_channels_last(batch)
-        step = make_step(model, case.precision, case.compile)
+        step = make_step(model, case.precision, case.compile, case.optimizer)
         try:
             res = run_compute(step, b, args.steps, args.warmup)
         except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing on this CPU
@@ -430,7 +452,9 @@ def bench_method(method: str, preset: str, wl: Workload, args: argparse.Namespac
         out.compute.append(r)
         print(f"  {case.label}: {r['step_ms']:.0f} ms/step, {r['patches_s']:.1f} patches/s, "
               f"{r['frac_peak']:.1%} of peak (load {r['load1']})", flush=True)
-        is_default = not case.channels_last and not case.compile and case.threads == default_threads
+        res.extra["params_m"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        out.compute[-1]["params_m"] = res.extra["params_m"]
+        is_default = not case.channels_last and not case.compile and case.optimizer == "default" and case.threads == default_threads
         if is_default and not out.profiles and wants_profile(args.profile, case):
             out.profiles[case.label] = profile_step(step, b)
         if is_default and not args.no_epoch:
@@ -481,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         "compute",
         "(a, c) Compute only: fwd+bwd+AdamW on one in-memory batch (ridge: frozen forward), median",
         out.compute,
-        ["method", "preset", "precision", "threads", "channels_last", "compile", "batch", "step_ms", "patches_s",
+        ["method", "preset", "precision", "threads", "channels_last", "compile", "optimizer", "params_m", "batch", "step_ms", "patches_s",
          "fwd_gflop_patch", "achieved_gflops", "peak_gflops", "frac_peak", "first_step_s", "load1"],
     )
     if out.epoch:

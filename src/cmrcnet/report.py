@@ -255,8 +255,12 @@ def _notes(coll: Collection) -> list[str]:
         notes.append("Marker genes not among the predicted genes (not scored): " + ", ".join(missing) + ".")
     unmeasured = sorted({(r.sample_id, g) for r in runs.itertuples() for g in str(r.unmeasured_genes).split(",") if g})
     if unmeasured:
-        notes.append("Genes absent from a held-out sample's counts (not scored there): "
-                     + ", ".join(f"{g} ({s})" for s, g in unmeasured) + ".")
+        by_sample: dict[str, list[str]] = {}
+        for s_id, g in unmeasured:
+            by_sample.setdefault(s_id, []).append(g)
+        parts = [f"{s_id}: {len(gs)} ({', '.join(gs[:8])}{', ...' if len(gs) > 8 else ''})" for s_id, gs in by_sample.items()]
+        notes.append("Predicted genes absent from a held-out sample's counts (not scored there; full list in "
+                     "runs.csv): " + "; ".join(parts) + ".")
     for path, reason in coll.skipped:
         notes.append(f"Skipped {path}: {reason}")
     return notes
