@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {p: C.gemm_peak_gflops(p, n, device="cuda") for p in ("bf16", "fp32")}
     rep.table("gemm_peak", f"GEMM peak ({n}^3, fp32 = TF32 allowed)", [{"precision": p, "tflops": v / 1000} for p, v in peaks.items()])
     rows = []
+    from cmrcnet.models import get_method
+
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if not get_method(method).model_cls.trainable:
+            rep.note(f"{method}: fitted in closed form, no training step to time (skipped)")
+            continue
         for comp in ([False, True] if args.compile else [False]):
             rows.append(train_case(method, args.preset, args.batch, args.n_genes, args.steps, args.warmup, comp, peaks["bf16"]))
             torch.cuda.empty_cache()

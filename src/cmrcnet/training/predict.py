@@ -120,12 +120,13 @@ def prediction_anndata(
     for col in ("array_row", "array_col", "in_tissue"):
         if col in src_obs:
             obs[col] = src_obs[col].reindex(obs.index).to_numpy()
-    out = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(run.genes, name="gene")))
-    out.layers["predicted"] = out.X.copy()
+    pred = np.asarray(pred, dtype=np.float32)  # no copy when already float32 (whole-slide memory)
+    out = ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=pd.Index(run.genes, name="gene")))
+    out.layers["predicted"] = out.X  # same array; written twice to disk, held once in memory
     if observed is not None:
-        out.layers["observed"] = observed.astype(np.float32)
+        out.layers["observed"] = np.asarray(observed, dtype=np.float32)
     if spread is not None:
-        out.layers["uncertainty"] = spread.astype(np.float32)
+        out.layers["uncertainty"] = np.asarray(spread, dtype=np.float32)
     coords = sample.adata.obsm["spatial"]
     idx = sample.adata.obs_names.get_indexer(obs.index)
     out.obsm["spatial"] = np.asarray(coords, dtype=np.float64)[idx] if (idx >= 0).all() else np.asarray(coords)
