@@ -144,7 +144,7 @@ def test_output_shapes_default_embed_dim() -> None:
     assert model.embed_images(b["img"]).shape == (6, 256)
     assert model.embed_genes(b["expr"]).shape == (6, 256)
     out = model.training_loss(b)
-    assert set(out) == {"loss", "loss_contrastive", "loss_recon"}
+    assert set(out) == {"loss", "loss_contrastive", "loss_recon", "n_negatives"}
     assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
 
 
@@ -215,7 +215,7 @@ def test_reconstruction_off_builds_no_branch_and_loss_is_log1p_contrastive() -> 
     names = [n for n, _ in model.named_parameters()]
     assert not any(n.startswith(("token_projection", "gene_tokenizer", "first_cross", "fusion", "recon_head")) for n in names)
     out = model.training_loss(batch())
-    assert set(out) == {"loss", "loss_contrastive"}
+    assert set(out) == {"loss", "loss_contrastive", "n_negatives"}
     torch.testing.assert_close(out["loss"], torch.log1p(out["loss_contrastive"]))
 
 
@@ -234,7 +234,7 @@ def test_bleep_is_cmrcnet_without_reconstruction() -> None:
         lb = bleep.training_loss(b)
         torch.manual_seed(3)
         lm = cm.training_loss(b)
-        assert lb.keys() == lm.keys() == {"loss", "loss_contrastive"}
+        assert lb.keys() == lm.keys() == {"loss", "loss_contrastive", "n_negatives"}
         torch.testing.assert_close(lb["loss"], lm["loss"], rtol=0, atol=0)
     # BLEEP's loss is its contrastive loss, without the log
     torch.testing.assert_close(lb["loss"], lb["loss_contrastive"])
