@@ -191,6 +191,10 @@ def _run_fold_processes(folds: list, n_parallel: int, argv_for_fold: Callable[[i
     """One subprocess per fold, at most ``n_parallel`` at a time, threads split between them."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
+    # Idle OpenMP threads spin by default; with several processes on few cores they steal the
+    # cores from each other's compute: 2 fold processes on 2 cores ran 4-10x slower than one
+    # alone (docs/PERFORMANCE.md). Sleeping waits remove that.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     pending = [f.index for f in folds]
     running: list[tuple[int, subprocess.Popen]] = []
     failed: list[int] = []
