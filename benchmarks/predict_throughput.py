@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -99,29 +99,9 @@ def untrained_run(data: Path, run_dir: Path, preset: str, test_id: str, samples:
     return run_dir
 
 
-@contextmanager
-def bf16_embedding(model, enabled: bool):
-    """Run only ``model.embed_images`` under bf16 autocast (what a ``predict`` precision option would do).
-
-    Wrapping the whole ``predict_sample`` in autocast is not possible: ``retrieval._search_torch``
-    would then compute a bf16 matmul and fail converting it to numpy.
-    """
-    import torch
-
-    if not enabled:
-        yield
-        return
-    orig = model.embed_images
-
-    def wrapped(img):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return orig(img).float()
-
-    model.embed_images = wrapped
-    try:
-        yield
-    finally:
-        del model.embed_images
+def embed_precision(run, precision: str):
+    """Set the run's ``retrieval.embed_precision`` (what ``cmrcnet predict`` reads) for a measurement."""
+    run.cfg.retrieval.embed_precision = precision
 
 
 def autocast(precision: str):
@@ -188,20 +168,20 @@ def breakdown(run, sample, precision: str) -> dict[str, float]:
     """Time the steps ``predict_sample`` runs, one by one (same calls, same order)."""
     from cmrcnet.retrieval import predict_from_neighbours, search
     from cmrcnet.training.fit import sample_table
-    from cmrcnet.training.predict import embed_table, prediction_anndata
+    from cmrcnet.training.predict import _embed_autocast, embed_table, prediction_anndata
 
     out: dict[str, float] = {}
     t = time.perf_counter()
     table = sample_table(sample, run.genes, run.cfg, with_expr=True)
     out["patch_table_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    with bf16_embedding(run.model, precision == "bf16"):
-        q = embed_table(run.model, table)
+    embed_precision(run, precision)
+    q = embed_table(run.model, table, autocast=_embed_autocast(run))
     out["embed_s"] = time.perf_counter() - t
     rc = run.cfg.retrieval
     k = min(rc.top_k, len(run.bank))
     t = time.perf_counter()
-    sims, idx = search(q, run.bank.embeddings, k, backend=rc.backend, auto_exact_max=rc.auto_exact_max)
+    sims, idx = run.bank.search(q, k, rc.backend, rc.auto_exact_max, precision=rc.exact_precision, **dict(rc.index))
     out["search_s"] = time.perf_counter() - t
     t = time.perf_counter()
     pred, spread = predict_from_neighbours(sims, idx, run.bank.expression, rc.weighting)
@@ -226,8 +206,8 @@ def section_phase(rep: C.Report, run, sample, precisions: list[str], repeats: in
                     run.cfg.data.cache_dir = str(cold_dir / f"{prec}{r}")
                     sample.image.release()
                 t0 = time.perf_counter()
-                with bf16_embedding(run.model, prec == "bf16"):
-                    adata = predict_sample(run, sample)
+                embed_precision(run, prec)
+                adata = predict_sample(run, sample)
                 times.append(time.perf_counter() - t0)
                 run.cfg.data.cache_dir = warm_cache
             med = C.median(times)
@@ -244,7 +224,7 @@ def section_phase(rep: C.Report, run, sample, precisions: list[str], repeats: in
                     "load1": C.loadavg()[0],
                 }
             )
-    rep.table("section", f"predict_sample on held-out section {sample.sample_id} (bank {len(run.bank)} spots; 'bf16' = wrapped in torch.autocast)", rows)
+    rep.table("section", f"predict_sample on held-out section {sample.sample_id} (bank {len(run.bank)} spots; precision = retrieval.embed_precision)", rows)
     if profile:
         pr = cProfile.Profile()
         pr.enable()
@@ -295,13 +275,20 @@ def grid_child(spec: dict[str, Any]) -> dict[str, Any]:
     res["rss_after_grid_mb"] = C.current_rss_mb()
     res["peak_before_predict_mb"] = C.peak_rss_mb()
     t0 = time.perf_counter()
-    with bf16_embedding(run.model, spec["precision"] == "bf16"):
-        pred = predict_streaming(run, smp, batch_size=int(spec.get("batch", 256)))
+    embed_precision(run, spec["precision"])
+    stream_to = Path(spec["write"]) if spec.get("stream") else None
+    pred = predict_streaming(run, smp, batch_size=int(spec.get("batch", 256)), out=stream_to)
     res["predict_s"] = time.perf_counter() - t0
     res["spots_s"] = smp.n_spots / res["predict_s"]
     res["genes"] = pred.n_vars
+    res["output"] = "streamed to h5ad" if stream_to else "in memory"
     res["peak_after_predict_mb"] = C.peak_rss_mb()
-    if spec.get("write"):
+    if stream_to is not None:
+        res["write_s"] = 0.0  # included in predict_s
+        res["h5ad_mb"] = round(stream_to.stat().st_size / 2**20, 1)
+        pred.file.close()
+        stream_to.unlink()
+    elif spec.get("write"):
         path = Path(spec["write"])
         t0 = time.perf_counter()
         write_h5ad_atomic(pred, path)
@@ -324,7 +311,8 @@ def grid_phase(rep: C.Report, run_dir: Path, image: Path, um_per_px: float, targ
                 "target": target,
                 "precision": prec,
                 "threads": args.threads,
-                "write": str(Path(tempfile.gettempdir()) / f"cmrcnet_grid_{os.getpid()}.h5ad") if args.grid_write else "",
+                "write": str(Path(tempfile.gettempdir()) / f"cmrcnet_grid_{os.getpid()}.h5ad") if (args.grid_write or args.grid_stream) else "",
+                "stream": bool(args.grid_stream),
             }
             cmd = [sys.executable, str(Path(__file__).resolve()), "--grid-child", json.dumps(spec)]
             t0 = time.perf_counter()
@@ -335,7 +323,7 @@ def grid_phase(rep: C.Report, run_dir: Path, image: Path, um_per_px: float, targ
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             res["child_wall_s"] = time.perf_counter() - t0
             rows.append({"target": target, "precision": prec, **res})
-    cols = ["target", "precision", "spots", "pitch_um", "genes", "grid_s", "predict_s", "spots_s", "write_s", "h5ad_mb",
+    cols = ["target", "precision", "output", "spots", "pitch_um", "genes", "grid_s", "predict_s", "spots_s", "write_s", "h5ad_mb",
             "rss_after_load_run_mb", "peak_before_predict_mb", "peak_after_predict_mb", "peak_rss_mb", "load1"]
     rep.table("grid", f"Whole-slide grid: grid_sample + predict_streaming ({image.name}, child process per row)", rows, cols)
     fp = [r for r in rows if r["precision"] == precisions[0]]
@@ -359,12 +347,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="her2st folder")
     p.add_argument("--train-steps", type=int, default=0, help="train this many steps instead of using initial weights")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--precisions", default="bf16,fp32")
+    p.add_argument("--precisions", default="bf16,fp32", help="retrieval.embed_precision values to compare")
     p.add_argument("--batches", default="64,256")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--grid-spots", default="5000,20000", help="pseudo-spot targets (>= 2 gives a memory-vs-size fit)")
-    p.add_argument("--grid-precisions", default="fp32", help="fp32 = as shipped; bf16 = wrapped in torch.autocast")
-    p.add_argument("--grid-write", action="store_true", help="also write the grid's h5ad (timed, then deleted)")
+    p.add_argument("--grid-precisions", default="auto", help="retrieval.embed_precision values: auto (as shipped), fp32, bf16")
+    p.add_argument("--grid-write", action="store_true", help="predict in memory, then write the grid's h5ad (timed, then deleted)")
+    p.add_argument("--grid-stream", action="store_true", help="stream the prediction into the h5ad (what `cmrcnet predict --image` does)")
     p.add_argument("--profile", action="store_true", help="cProfile of predict_sample")
     p.add_argument("--work", type=Path, default=None, help="folder for the quick run (default bench_out/predict_work)")
     p.add_argument("--grid-child", default=None, help=argparse.SUPPRESS)

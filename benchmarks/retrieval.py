@@ -16,8 +16,10 @@ are drawn from the training sections, queries from the held-out section (C3).
 Generated banks are cached under ``--cache`` (prefixes of the largest one are the
 smaller banks).
 
-"torch-bf16-rerank" is not in ``cmrcnet.retrieval`` yet: a proposed exact-search variant
-(bf16 matmul on AMX/tensor cores for candidates, fp32 rescoring of the top ``k + pad``).
+"torch" is exact fp32 search; "torch-bf16" is ``cmrcnet.retrieval``'s bf16 exact search (bf16
+matmul on AMX/tensor cores picks ``k + pad`` candidates, fp32 rescoring ranks them, rows the
+bf16 error bound cannot certify are searched again in fp32; the fallback count is reported);
+"faiss-ivfpq" is IVF with 4-bit fast-scan PQ codes re-ranked on the full vectors.
 
     python benchmarks/retrieval.py                      # 10k, 100k, 1M (~15 min on 2 cores)
     python benchmarks/retrieval.py --sizes 10000,100000 --backends torch,faiss-ivf
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 HELD_OUT = "C3"
-ALL_BACKENDS = ("torch", "torch-bf16-rerank", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+ALL_BACKENDS = ("torch", "torch-bf16", "faiss-flat", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
 
 
 # -- embeddings ------------------------------------------------------------------------------
@@ -120,45 +122,6 @@ def cached(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 # -- search variants -------------------------------------------------------------------------
-def blocked_topk(scores, k: int, block: int = 65_536):
-    """Top-``k`` (values, indices) per row via per-block top-k then a merge: same result as
-    ``torch.topk`` on the whole row, ~1.8x faster on 1M-wide rows (cache-sized partial sorts)."""
-    import torch
-
-    m = scores.shape[1]
-    if m <= 2 * block:
-        return torch.topk(scores, min(k, m), dim=1)
-    vals, idxs = [], []
-    for start in range(0, m, block):
-        v, i = torch.topk(scores[:, start : start + block], min(k, min(block, m - start)), dim=1)
-        vals.append(v)
-        idxs.append(i + start)
-    v, j = torch.topk(torch.cat(vals, 1), k, dim=1)
-    return v, torch.gather(torch.cat(idxs, 1), 1, j)
-
-
-def search_bf16_rerank(q: np.ndarray, keys: np.ndarray, k: int, pad: int, chunk_rows: int = 256, kb=None, kf=None):
-    """Proposed exact-search variant: bf16 scores (AMX / tensor cores) pick ``k + pad`` candidates
-    with a blocked top-k, fp32 rescoring ranks them."""
-    import torch
-
-    kf = torch.from_numpy(keys) if kf is None else kf
-    kb = kf.to(torch.bfloat16) if kb is None else kb
-    qf = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    c = min(k + pad, kf.shape[0])
-    sims = np.empty((len(q), k), np.float32)
-    idx = np.empty((len(q), k), np.int64)
-    with torch.no_grad():
-        for s in range(0, len(q), chunk_rows):
-            qc = qf[s : s + chunk_rows]
-            cand = blocked_topk(qc.to(torch.bfloat16) @ kb.T, c)[1]
-            exact = torch.einsum("rd,rcd->rc", qc, kf[cand])
-            v, j = torch.topk(exact, k, dim=1, largest=True, sorted=True)
-            sims[s : s + len(qc)] = v.numpy()
-            idx[s : s + len(qc)] = torch.gather(cand, 1, j).numpy()
-    return sims, idx
-
-
 def search_torch_device(q: np.ndarray, keys_dev, k: int, chunk_bytes: int = 2 << 30):
     """Exact top-k on a CUDA device (keys already there); query blocks bounded by ``chunk_bytes``."""
     import torch
@@ -210,7 +173,7 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
     """Rows of the summary and of the trade-off curve for one bank."""
     import torch
 
-    from cmrcnet.retrieval import build_faiss_index, search
+    from cmrcnet.retrieval import build_faiss_index, search, set_query_params
 
     m, d = keys.shape
     rows: list[dict[str, Any]] = []
@@ -236,23 +199,23 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
     ref_path = args.cache / f"exact_{args.cache_key}_{m}_{len(q)}_{k}.npy"
     if "torch" in backends or not ref_path.is_file():
         t = time.perf_counter()
-        ex_s, ex_i = search(q, keys, k, backend="torch")
+        ex_s, ex_i = search(q, keys, k, backend="torch", precision="fp32")
         t_exact = time.perf_counter() - t
         np.save(ref_path, ex_i)
         if "torch" in backends:
             rows.append(row("torch", "exact fp32, chunk 256 MiB", 0.0, t_exact, keys.nbytes, 1.0, len(q)))
     else:
         ex_i = np.load(ref_path)  # exact reference from an earlier run on the same cached bank
-    if "torch-bf16-rerank" in backends:
-        kf = torch.from_numpy(keys)
-        t = time.perf_counter()
-        kb = kf.to(torch.bfloat16)
-        b_s = time.perf_counter() - t
+    if "torch-bf16" in backends:
+        from cmrcnet import retrieval as R
+
         for pad in [int(p) for p in args.rerank_pad.split(",")]:
+            R.SEARCH_STATS.update(bf16_rows=0, fp32_fallback_rows=0)
             t = time.perf_counter()
-            _, i = search_bf16_rerank(q, keys, k, pad, kb=kb, kf=kf)
-            rows.append(row("torch-bf16-rerank", f"pad {pad} (proposed)", b_s, time.perf_counter() - t, keys.nbytes + kb.numel() * 2, recall_at_k(i, ex_i), len(q)))
-        del kb, kf
+            _, i = search(q, keys, k, backend="torch", precision="bf16", pad=pad)
+            qs = time.perf_counter() - t
+            fb = R.SEARCH_STATS["fp32_fallback_rows"]
+            rows.append(row("torch-bf16", f"pad {pad}, {fb} of {len(q)} rows re-searched in fp32", 0.0, qs, keys.nbytes * 3 // 2, recall_at_k(i, ex_i), len(q)))
     if "faiss-flat" in backends:
         nq = len(q) if m < args.flat_cap_from else min(len(q), args.flat_query_cap)
         t = time.perf_counter()
@@ -298,6 +261,33 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
                 best = row("faiss-ivf", last["params"] + " (target not reached)", b_s, last["query_s"], nb, last["recall"], len(q))
             if best is not None and nlist != 0:
                 rows.append(best)
+            del index
+    if "faiss-ivfpq" in backends:
+        for nlist in ivf_nlists(m, args.ivfpq_nlist):
+            t = time.perf_counter()
+            index = build_faiss_index(keys, "faiss-ivfpq", nlist=nlist)
+            b_s = time.perf_counter() - t
+            nb = index_bytes(index)
+            best = None
+            for kf in [float(x) for x in args.ivfpq_k_factor.split(",")]:
+                for nprobe in [int(p) for p in args.ivf_nprobe.split(",")]:
+                    if nprobe > nlist:
+                        break
+                    set_query_params(index, "faiss-ivfpq", nprobe=nprobe, k_factor=kf)
+                    t = time.perf_counter()
+                    _, i = index.search(q, k)
+                    qs = time.perf_counter() - t
+                    rec = recall_at_k(i, ex_i)
+                    label = f"nlist {nlist}, PQ{d // 4}x4fs, k_factor {kf:g}, nprobe {nprobe}"
+                    curve.append({"bank": m, "backend": "faiss-ivfpq", "params": label, "build_s": b_s, "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
+                    progress(curve[-1])
+                    if rec >= args.recall_target and (best is None or qs < best["query_s"]):
+                        best = row("faiss-ivfpq", label, b_s, qs, nb, rec, len(q))
+                    if rec >= args.recall_stop or qs > args.max_query_s:
+                        break
+            if best is None and curve:
+                best = row("faiss-ivfpq", curve[-1]["params"] + " (target not reached)", b_s, curve[-1]["query_s"], nb, curve[-1]["recall"], len(q))
+            rows.append(best)
             del index
     if "faiss-hnsw" in backends and m <= args.hnsw_max:
         t = time.perf_counter()
@@ -367,7 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hnsw-efc", type=int, default=80)
     p.add_argument("--hnsw-ef", default="50,64,96,128,192,256,384")
     p.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest bank to build HNSW for")
-    p.add_argument("--rerank-pad", default="50")
+    p.add_argument("--rerank-pad", default="64")
+    p.add_argument("--ivfpq-nlist", default="auto", help="comma list, or auto as for --ivf-nlist")
+    p.add_argument("--ivfpq-k-factor", default="16", help="comma list of re-rank depths (x k)")
     p.add_argument("--flat-cap-from", type=int, default=1_000_000, help="from this bank size faiss-flat is timed on --flat-query-cap queries")
     p.add_argument("--flat-query-cap", type=int, default=2000)
     p.add_argument("--run", type=Path, default=None, help="use a trained run's gene encoder")

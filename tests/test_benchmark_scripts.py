@@ -59,7 +59,7 @@ def test_train_throughput_smoke(tmp_path: Path) -> None:
 
 
 def test_predict_throughput_smoke(tmp_path: Path) -> None:
-    proc = run_script("predict_throughput.py", tmp_path, "--work", str(tmp_path / "work"))
+    proc = run_script("predict_throughput.py", tmp_path, "--work", str(tmp_path / "work"), "--grid-stream")
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = check_envelope(tmp_path / "out.json", {"embed", "section", "grid"})
     grid = payload["tables"]["grid"][0]
@@ -71,7 +71,8 @@ def test_retrieval_smoke(tmp_path: Path) -> None:
     proc = run_script("retrieval.py", tmp_path, "--cache", str(tmp_path / "rcache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = check_envelope(tmp_path / "out.json", {"summary", "tradeoff"})
-    exact = [r for r in payload["tables"]["summary"] if r["backend"] in ("torch", "faiss-flat")]
+    exact = [r for r in payload["tables"]["summary"] if r["backend"] in ("torch", "torch-bf16", "faiss-flat")]
+    assert {"torch", "torch-bf16", "faiss-ivfpq"} <= {r["backend"] for r in payload["tables"]["summary"]}
     assert exact and all(r["recall"] == pytest.approx(1.0) for r in exact)
 
 

@@ -100,6 +100,73 @@ def test_approximate_recall_on_clustered_data(backend: str, kwargs: dict) -> Non
     assert recall >= 0.9, recall
 
 
+def test_ivfpq_reranks_to_high_recall() -> None:
+    q, keys = _clustered(4000, 100, d=64)
+    _, exact = search(q, keys, 10, "torch")
+    _, approx = search(q, keys, 10, "faiss-ivfpq")
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("pad", [64, 1])
+def test_bf16_candidates_with_fp32_rerank_are_exact(pad: int) -> None:
+    """Near-duplicate keys put many candidates inside bf16's error; pad=1 forces the fp32
+    fallback for uncertified rows, and both must equal exact fp32 search."""
+    from cmrcnet.retrieval import _search_torch
+
+    rng = np.random.default_rng(3)
+    base = l2_normalise(rng.normal(size=(100, 32)))
+    keys = l2_normalise(np.repeat(base, 30, 0) + 1e-3 * rng.normal(size=(3000, 32)))
+    q = l2_normalise(base[:40] + 0.05 * rng.normal(size=(40, 32)))
+    ref_s, ref_i = brute_force(q, keys, 10)
+    s, i = _search_torch(q, keys, 10, precision="bf16", pad=pad)
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    # equal up to the order of exact ties: compare the scores of the returned indices
+    got = np.take_along_axis(q.astype(np.float64) @ keys.T.astype(np.float64), i, 1)
+    np.testing.assert_allclose(got, ref_s, atol=1e-6)
+    assert s.dtype == np.float32 and i.dtype == np.int64
+    with pytest.raises(ConfigError):
+        _search_torch(q, keys, 10, precision="fp8")
+
+
+def test_blocked_topk_equals_topk() -> None:
+    from cmrcnet.retrieval import _topk_blocked
+
+    scores = torch.from_numpy(np.random.default_rng(0).random((5, 1000)).astype(np.float32))
+    v, i = _topk_blocked(scores, 17, block=64)
+    rv, ri = torch.topk(scores, 17, dim=1)
+    torch.testing.assert_close(v, rv)
+    torch.testing.assert_close(i, ri)
+
+
+def test_search_is_fp32_under_outer_autocast(data) -> None:
+    q, keys = data
+    ref_s, ref_i = brute_force(q, keys, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, i = search(q, keys, 5, "torch", precision="fp32")
+        pred, spread = predict_from_neighbours(s, i, keys)
+    np.testing.assert_array_equal(i, ref_i)
+    assert s.dtype == pred.dtype == np.float32
+
+
+def test_bank_search_builds_an_index_once(monkeypatch) -> None:
+    import cmrcnet.retrieval as r
+
+    q, keys = _clustered(2000, 20)
+    bank = Bank(l2_normalise(keys), np.zeros((2000, 3), np.float32), ["a", "b", "c"], [f"s:{i}" for i in range(2000)])
+    builds = []
+    real = r.build_faiss_index
+    monkeypatch.setattr(r, "build_faiss_index", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    _, i1 = bank.search(q, 5, "faiss-ivf", nprobe=4)
+    _, i2 = bank.search(q, 5, "faiss-ivf", nprobe=64)  # query-time setting: same index
+    _, exact = bank.search(q, 5, "torch")
+    assert len(builds) == 1
+    recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(i2, exact)])
+    assert recall == 1.0  # nprobe 64 >= nlist: every list scanned
+    bank.search(q, 5, "faiss-ivf", nlist=8)  # a build setting: a second index
+    assert len(builds) == 2
+
+
 def test_auto_switches_to_ivf_above_threshold() -> None:
     q, keys = _clustered(2000, 20)
     _, exact = search(q, keys, 5, "torch")

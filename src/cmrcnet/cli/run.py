@@ -117,11 +117,12 @@ def predict_cmd(
         smp = grid_sample(image, um_per_px, pitch_um=pitch_um)
         with Progress(TextColumn("predicting"), BarColumn(), TextColumn("{task.completed}/{task.total} spots"), TimeElapsedColumn(), console=console) as prog:
             task = prog.add_task("predict", total=smp.n_spots)
-            pred = predict_streaming(trained, smp, top_k, progress=lambda n: prog.advance(task, n))
+            # written to `out` block by block: memory does not grow with the slide
+            pred = predict_streaming(trained, smp, top_k, progress=lambda n: prog.advance(task, n), out=out)
     else:
         smp = _read_one_sample(sample, sample_id)
         pred = predict_sample(trained, smp, top_k)
-    write_h5ad_atomic(pred, out)
+        write_h5ad_atomic(pred, out)
     dt = time.perf_counter() - t0
     console.print(f"[green]predicted[/] {pred.n_obs} spots x {pred.n_vars} genes in {dt:.1f} s -> {out}")
     if genes:

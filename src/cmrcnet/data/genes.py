@@ -26,6 +26,7 @@ import scipy.sparse as sp
 from cmrcnet.config import GeneConfig
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import ConfigError, InputError
+from cmrcnet.utils import torch_threads_kept
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def normalize_log1p(adata: ad.AnnData, target_sum: float | None = 1e4) -> ad.Ann
     if neg:
         raise InputError("counts contain negative values; expected raw counts")
     out = ad.AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names.copy()), var=adata.var.copy())
-    sc.pp.normalize_total(out, target_sum=target_sum)
-    sc.pp.log1p(out)
+    with torch_threads_kept():
+        sc.pp.normalize_total(out, target_sum=target_sum)
+        sc.pp.log1p(out)
     out.X = out.X.astype(np.float32, copy=False)
     return out
 
@@ -101,7 +103,7 @@ def highly_variable(adata_counts: ad.AnnData, n_top: int, target_sum: float | No
     if int(n_top) >= len(names):
         return [str(g) for g in names]
     sub = norm[:, keep].copy()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch_threads_kept():
         warnings.simplefilter("ignore")
         df = sc.pp.highly_variable_genes(sub, flavor="seurat", n_top_genes=int(n_top), inplace=False)
     disp = np.nan_to_num(np.asarray(df["dispersions_norm"], dtype=np.float64), nan=-np.inf)

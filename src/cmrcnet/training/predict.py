@@ -61,11 +61,45 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     return TrainedRun(run_dir, cfg, model, genes, bank)
 
 
+def _embed_autocast(run: TrainedRun):
+    """bf16 autocast around the image encoder where the run trained in bf16 and bf16 is native
+    (1.6x faster embedding on AMX CPUs; 99.6 % of top-50 neighbours identical to fp32)."""
+    import contextlib
+
+    from cmrcnet.retrieval import bf16_matmul_is_fast
+
+    mode = run.cfg.retrieval.embed_precision
+    if mode not in ("auto", "fp32", "bf16"):
+        raise InputError(f"retrieval.embed_precision must be auto, fp32 or bf16, got {mode!r}")
+    device = next(iter(run.model.parameters())).device.type
+    if mode == "auto":
+        native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
+        mode = "bf16" if native and str(run.cfg.train.precision).startswith("bf16") else "fp32"
+    if mode == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
-def embed_table(model: ExpressionModel, table: SpotTable, batch_size: int = 256) -> np.ndarray:
+def embed_table(model: ExpressionModel, table: SpotTable, batch_size: int = 256, autocast=None) -> np.ndarray:
+    import contextlib
+
     loader = make_loader(table, batch_size, False, False, "spot", 0)
-    out = [model.embed_images(b["img"]).float().cpu().numpy() for b in loader]
+    with autocast or contextlib.nullcontext():
+        out = [model.embed_images(b["img"]).float().cpu().numpy() for b in loader]
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def retrieve(run: TrainedRun, embeddings: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The run's bank searched for ``embeddings`` with its retrieval settings: ``(pred, spread)``."""
+    from cmrcnet.retrieval import predict_from_neighbours
+
+    rc = run.cfg.retrieval
+    k = min(int(top_k or rc.top_k), len(run.bank))
+    sims, idx = run.bank.search(
+        embeddings, k, rc.backend, rc.auto_exact_max, precision=rc.exact_precision, **dict(rc.index)
+    )
+    return predict_from_neighbours(sims, idx, run.bank.expression, rc.weighting)
 
 
 @torch.no_grad()
@@ -76,15 +110,7 @@ def predict_table(
     model = run.model
     model.eval()
     if run.kind == "retrieval":
-        from cmrcnet.retrieval import predict_from_neighbours, search
-
-        rc = run.cfg.retrieval
-        k = int(top_k or rc.top_k)
-        k = min(k, len(run.bank.embeddings))
-        q = embed_table(model, table, batch_size)
-        sims, idx = search(q, run.bank.embeddings, k, backend=rc.backend, auto_exact_max=rc.auto_exact_max)
-        pred, spread = predict_from_neighbours(sims, idx, run.bank.expression, rc.weighting)
-        return pred.astype(np.float32), spread.astype(np.float32)
+        return retrieve(run, embed_table(model, table, batch_size, _embed_autocast(run)), top_k)
     batching = type(model).batching
     loader = make_loader(table, batch_size, False, False, batching, 0)
     preds = np.zeros((len(table), len(run.genes)), np.float32)
@@ -107,7 +133,7 @@ def prediction_anndata(
     run: TrainedRun,
     sample: Sample,
     table: SpotTable,
-    pred: np.ndarray,
+    pred: np.ndarray | None,
     spread: np.ndarray | None,
     observed: np.ndarray | None,
     top_k: int | None,
@@ -120,9 +146,12 @@ def prediction_anndata(
     for col in ("array_row", "array_col", "in_tissue"):
         if col in src_obs:
             obs[col] = src_obs[col].reindex(obs.index).to_numpy()
-    pred = np.asarray(pred, dtype=np.float32)  # no copy when already float32 (whole-slide memory)
-    out = ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=pd.Index(run.genes, name="gene")))
-    out.layers["predicted"] = out.X  # same array; written twice to disk, held once in memory
+    var = pd.DataFrame(index=pd.Index(run.genes, name="gene"))
+    if pred is None:  # matrices streamed to disk by predict_streaming
+        out = ad.AnnData(obs=obs, var=var)
+    else:
+        out = ad.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=var)  # no copy when float32
+        out.layers["predicted"] = out.X  # same array; written twice to disk, held once in memory
     if observed is not None:
         out.layers["observed"] = np.asarray(observed, dtype=np.float32)
     if spread is not None:
@@ -184,58 +213,129 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     return path
 
 
-@torch.no_grad()
-def predict_streaming(
-    run: TrainedRun, sample: Sample, top_k: int | None = None, batch_size: int = 256, progress=None
-) -> ad.AnnData:
-    """Predict without holding all patches in memory (whole-slide grids): patches are cut,
-    embedded or regressed, and dropped batch by batch. Slide-level sequence models need the
-    whole slide at once and fall back to :func:`predict_sample`."""
+class _RowSink:
+    """Where streamed prediction rows go: arrays in memory, or datasets of an open h5ad."""
+
+    def __init__(self, n: int, g: int, with_spread: bool, h5: Any = None) -> None:
+        self.h5 = h5
+        if h5 is None:
+            self.x = np.empty((n, g), np.float32)
+            self.spread = np.empty((n, g), np.float32) if with_spread else None
+        else:
+            rows = max(1, min(n, (4 << 20) // max(1, 4 * g)))  # ~4 MB chunks
+            self.x = _dense_h5ad_dataset(h5, "X", (n, g), rows)
+            self.spread = _dense_h5ad_dataset(h5["layers"], "uncertainty", (n, g), rows) if with_spread else None
+
+    def write(self, start: int, pred: np.ndarray, spread: np.ndarray | None) -> None:
+        self.x[start : start + len(pred)] = pred
+        if self.spread is not None and spread is not None:
+            self.spread[start : start + len(pred)] = spread
+
+
+def _dense_h5ad_dataset(group: Any, name: str, shape: tuple[int, int], chunk_rows: int):
+    ds = group.create_dataset(name, shape=shape, dtype="float32", chunks=(chunk_rows, shape[1]))
+    ds.attrs["encoding-type"] = "array"
+    ds.attrs["encoding-version"] = "0.2.0"
+    return ds
+
+
+def _stream_predictions(
+    run: TrainedRun, sample: Sample, sink: _RowSink, top_k: int | None, batch_size: int, chunk_spots: int, progress
+) -> None:
+    """Cut, embed (or regress) and predict patches batch by batch; retrieval methods search and
+    average per chunk of ``chunk_spots`` embeddings, so memory does not grow with the slide."""
     from cmrcnet.data.patches import iter_patches
     from cmrcnet.training.data import to_float_images
     from cmrcnet.training.fit import spot_positions
 
     model = run.model
-    if type(model).batching == "slide":
-        return predict_sample(run, sample, top_k)
-    if sample.image is None:
-        raise InputError("sample has no image to predict from", sample.sample_id)
     side_px = run.cfg.patches.size_um / sample.um_per_px
     pos_all = spot_positions(sample)
-    outs: list[np.ndarray] = []
-    start = 0
-    for chunk in iter_patches(sample.image, sample.coords_px, side_px, run.cfg.patches.size_px, batch_size):
-        n = len(chunk)
-        x = to_float_images(torch.from_numpy(np.ascontiguousarray(chunk)))
-        if run.kind == "retrieval":
-            outs.append(model.embed_images(x).float().numpy())
-        else:
-            b = {"img": x, "pos": torch.from_numpy(pos_all[start : start + n]), "index": torch.arange(start, start + n)}
-            outs.append(model.predict_expression(b).float().numpy())
-        start += n
-        if progress is not None:
-            progress(n)
-    sample.image.release()
-    spread = None
-    if run.kind == "retrieval":
-        from cmrcnet.retrieval import predict_from_neighbours, search
+    pending: list[np.ndarray] = []
+    done = start = 0
 
-        rc = run.cfg.retrieval
-        k = min(int(top_k or rc.top_k), len(run.bank.embeddings))
-        sims, idx = search(np.concatenate(outs), run.bank.embeddings, k, backend=rc.backend, auto_exact_max=rc.auto_exact_max)
-        pred, spread = predict_from_neighbours(sims, idx, run.bank.expression, rc.weighting)
-    else:
-        pred = np.concatenate(outs)
-    table = SpotTable(
-        imgs=np.zeros((len(pred), 1, 1, 3), np.uint8),
-        expr=np.zeros((len(pred), 0), np.float32),
-        pos=pos_all,
-        sample_ids=np.array([sample.sample_id] * len(pred)),
-        barcodes=np.asarray(sample.adata.obs_names.astype(str)),
-    )
+    def flush() -> None:
+        nonlocal done, pending
+        if pending:
+            emb = np.concatenate(pending)
+            pending = []
+            pred, spread = retrieve(run, emb, top_k)
+            sink.write(done, pred, spread)
+            done += len(emb)
+
+    with _embed_autocast(run) if run.kind == "retrieval" else torch.autocast("cpu", enabled=False):
+        for chunk in iter_patches(sample.image, sample.coords_px, side_px, run.cfg.patches.size_px, batch_size):
+            n = len(chunk)
+            x = to_float_images(torch.from_numpy(np.ascontiguousarray(chunk)))
+            if run.kind == "retrieval":
+                pending.append(model.embed_images(x).float().numpy())
+                if sum(len(e) for e in pending) >= chunk_spots:
+                    flush()
+            else:
+                b = {"img": x, "pos": torch.from_numpy(pos_all[start : start + n]), "index": torch.arange(start, start + n)}
+                sink.write(start, model.predict_expression(b).float().numpy(), None)
+            start += n
+            if progress is not None:
+                progress(n)
+    flush()
+
+
+@torch.no_grad()
+def predict_streaming(
+    run: TrainedRun,
+    sample: Sample,
+    top_k: int | None = None,
+    batch_size: int = 256,
+    progress=None,
+    out: str | Path | None = None,
+    chunk_spots: int = 4096,
+) -> ad.AnnData:
+    """Predict without holding all patches in memory (whole-slide grids).
+
+    With ``out`` the prediction is written to that ``.h5ad`` as it is computed (``X`` and
+    ``layers["uncertainty"]`` filled block by block; atomic: the file appears only when
+    complete) and returned opened in backed mode: peak memory is then independent of the
+    number of spots. Without ``out`` the matrices are returned in memory. Slide-level
+    sequence models need the whole slide at once and fall back to :func:`predict_sample`.
+    """
+    model = run.model
+    if type(model).batching == "slide":
+        pred = predict_sample(run, sample, top_k)
+        if out is None:
+            return pred
+        write_h5ad_atomic(pred, out)
+        return ad.read_h5ad(out, backed="r")
+    if sample.image is None:
+        raise InputError("sample has no image to predict from", sample.sample_id)
+    n, g = sample.n_spots, len(run.genes)
     observed = None
     if sample.adata.n_vars > 0:
         from cmrcnet.data.genes import expression_matrix
 
         observed = expression_matrix(sample, run.genes, run.cfg.genes.target_sum)
-    return prediction_anndata(run, sample, table, pred, spread, observed, top_k)
+    from cmrcnet.training.fit import spot_positions
+
+    table = SpotTable(
+        imgs=np.zeros((n, 1, 1, 3), np.uint8),
+        expr=np.zeros((n, 0), np.float32),
+        pos=spot_positions(sample),
+        sample_ids=np.array([sample.sample_id] * n),
+        barcodes=np.asarray(sample.adata.obs_names.astype(str)),
+    )
+    with_spread = run.kind == "retrieval"
+    if out is None:
+        sink = _RowSink(n, g, with_spread)
+        _stream_predictions(run, sample, sink, top_k, batch_size, chunk_spots, progress)
+        sample.image.release()
+        return prediction_anndata(run, sample, table, sink.x, sink.spread, observed, top_k)
+    import h5py
+
+    out = Path(out)
+    skeleton = prediction_anndata(run, sample, table, None, None, observed, top_k)
+    with atomic_path(out) as tmp:
+        skeleton.write_h5ad(tmp)
+        del skeleton
+        with h5py.File(tmp, "a") as h5:
+            _stream_predictions(run, sample, _RowSink(n, g, with_spread, h5), top_k, batch_size, chunk_spots, progress)
+    sample.image.release()
+    return ad.read_h5ad(out, backed="r")
