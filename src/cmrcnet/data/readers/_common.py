@@ -260,3 +260,29 @@ def sample_table(folder: Path) -> dict[str, str]:
                     raise InputError(f"sample table lacks column {col!r}", path)
             return {str(s).strip(): str(p).strip() for s, p in zip(df["sample_id"], df["patient_id"])}
     return {}
+
+
+def write_sample_image(image, folder: Path, stem: str, fmt: str = "png") -> Path:
+    """Copy a slide's image file into ``folder`` as ``stem.<ext>``, or save an in-memory image
+    as ``fmt`` (``png``, or ``tif`` with zlib) when there is no file to copy."""
+    import shutil
+
+    from cmrcnet.data.image import ArrayImage
+
+    if not isinstance(image, ArrayImage) and image.path.is_file():
+        out = folder / f"{stem}{image.path.suffix.lower()}"
+        shutil.copyfile(image.path, out)
+        return out
+    w, h = image.size
+    pixels = image.read_region(0, 0, w, h)
+    if fmt == "png":
+        from PIL import Image
+
+        out = folder / f"{stem}.png"
+        Image.fromarray(pixels).save(out)
+        return out
+    import tifffile
+
+    out = folder / f"{stem}.tif"
+    tifffile.imwrite(out, pixels, photometric="rgb", compression="zlib")
+    return out

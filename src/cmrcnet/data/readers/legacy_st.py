@@ -17,14 +17,13 @@ No pixel size is stored: it is estimated from the spot grid (200 um pitch).
 from __future__ import annotations
 
 import re
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cmrcnet.data.image import ArrayImage, SlideImage
+from cmrcnet.data.image import SlideImage
 from cmrcnet.data.pixelsize import estimate_um_per_px
 from cmrcnet.data.readers._common import (
     build_adata,
@@ -38,6 +37,7 @@ from cmrcnet.data.readers._common import (
     read_table,
     report_one_sided,
     require_file,
+    write_sample_image,
 )
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import InputError
@@ -358,17 +358,6 @@ def write_legacy_st(sample: Sample, dest: str | Path, layout: str = "her2st") ->
 
 
 def _write_image(sample: Sample, folder: Path, stem: str) -> Path:
-    """Copy the sample's image file, or save an in-memory image as PNG."""
-    img = sample.image
-    if img is None:
+    if sample.image is None:
         raise InputError(f"sample {sample.sample_id!r} has no image")
-    if not isinstance(img, ArrayImage) and img.path.is_file():
-        out = folder / f"{stem}{img.path.suffix.lower()}"
-        shutil.copyfile(img.path, out)
-        return out
-    from PIL import Image
-
-    w, h = img.size
-    out = folder / f"{stem}.png"
-    Image.fromarray(img.read_region(0, 0, w, h)).save(out)
-    return out
+    return write_sample_image(sample.image, folder, stem)

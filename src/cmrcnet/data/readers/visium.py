@@ -14,7 +14,6 @@ Space Ranger's ``pxl_row_in_fullres`` is y and ``pxl_col_in_fullres`` is x.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cmrcnet.data.image import ArrayImage, SlideImage
+from cmrcnet.data.image import SlideImage
 from cmrcnet.data.pixelsize import estimate_um_per_px
 from cmrcnet.data.readers._common import (
     build_adata,
@@ -35,6 +34,7 @@ from cmrcnet.data.readers._common import (
     read_table,
     report_one_sided,
     require_file,
+    write_sample_image,
 )
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import InputError
@@ -419,17 +419,7 @@ def _write_10x_mtx(folder: Path, X: sp.csr_matrix, barcodes: list[str], ids: lis
 
 
 def _write_fullres(sample: Sample, dest: Path) -> Path | None:
-    """Copy the image file next to ``spatial/``, or save an in-memory image as TIFF."""
-    img = sample.image
-    if img is None:
+    """The full-resolution image next to ``spatial/`` (copied, or saved from memory)."""
+    if sample.image is None:
         return None
-    if not isinstance(img, ArrayImage) and img.path.is_file():
-        out = dest / f"{sample.sample_id}_fullres{img.path.suffix.lower()}"
-        shutil.copyfile(img.path, out)
-        return out
-    import tifffile
-
-    w, h = img.size
-    out = dest / f"{sample.sample_id}_fullres.tif"
-    tifffile.imwrite(out, img.read_region(0, 0, w, h), photometric="rgb", compression="zlib")
-    return out
+    return write_sample_image(sample.image, dest, f"{sample.sample_id}_fullres", fmt="tif")
