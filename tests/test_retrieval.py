@@ -158,13 +158,24 @@ def test_bank_search_builds_an_index_once(monkeypatch) -> None:
     real = r.build_faiss_index
     monkeypatch.setattr(r, "build_faiss_index", lambda *a, **kw: builds.append(1) or real(*a, **kw))
     _, i1 = bank.search(q, 5, "faiss-ivf", nprobe=4)
-    _, i2 = bank.search(q, 5, "faiss-ivf", nprobe=64)  # query-time setting: same index
-    _, exact = bank.search(q, 5, "torch")
+    s2, i2 = bank.search(q, 5, "faiss-ivf", nprobe=64)  # query-time setting: same index
+    s_exact, exact = bank.search(q, 5, "torch")
+    np.testing.assert_allclose(s2, s_exact, atol=1e-5)  # L2 distances reported back as cosines
     assert len(builds) == 1
     recall = np.mean([len(set(a) & set(e)) / 5 for a, e in zip(i2, exact)])
     assert recall == 1.0  # nprobe 64 >= nlist: every list scanned
     bank.search(q, 5, "faiss-ivf", nlist=8)  # a build setting: a second index
     assert len(builds) == 2
+
+
+def test_auto_backend_by_bank_size() -> None:
+    from cmrcnet.retrieval import resolve_backend
+
+    assert resolve_backend("auto", 10_000) == "torch"
+    assert resolve_backend("auto", 1_000_000) == "faiss-flat"  # exact; FAISS's tiled top-k is faster there
+    assert resolve_backend("auto", 3_000_000) == "faiss-ivfpq"
+    assert resolve_backend("auto", 3_000_000, auto_exact_max=5_000_000) == "faiss-flat"
+    assert resolve_backend("faiss-hnsw", 10) == "faiss-hnsw"  # explicit choice wins
 
 
 def test_auto_switches_to_ivf_above_threshold() -> None:

@@ -118,6 +118,20 @@ def test_cli_train_and_predict(synth, tmp_path):
 
     pred = ad.read_h5ad(tmp_path / "pred.h5ad")
     assert "predicted" in pred.layers and "spatial" in pred.obsm
+    # retrieval settings are overridable at prediction time; other settings are not
+    r = subprocess.run(
+        env_cmd + ["predict", "--run", str(tmp_path / "run"), "--sample", str(synth), "--sample-id", sid, "--out", str(tmp_path / "flat.h5ad"),
+                   "--set", "retrieval.backend=faiss-flat", "--set", "retrieval.exact_precision=fp32"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "flat.h5ad").X, pred.X, rtol=1e-5, atol=1e-6)
+    r = subprocess.run(
+        env_cmd + ["predict", "--run", str(tmp_path / "run"), "--sample", str(synth), "--sample-id", sid, "--out", str(tmp_path / "x.h5ad"),
+                   "--set", "train.epochs=3"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 2 and "retrieval.*" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -141,3 +155,18 @@ def test_lightning_ddp_two_cpu_processes_gather_negatives(synth, tmp_path):
     negs = metrics["train/n_negatives"].dropna()
     assert len(negs) > 0
     assert (negs == 2 * 16).all(), negs.tolist()
+
+
+def test_runs_saved_with_a_removed_config_key_still_load() -> None:
+    from dataclasses import asdict
+
+    from cmrcnet.config import from_dict, make_config
+
+    d = asdict(make_config("cmrcnet", "tiny"))
+    d["train"]["compile"] = False  # written by versions before the key was removed
+    with pytest.warns(UserWarning, match="train.compile"):
+        cfg = from_dict(d)
+    assert cfg.train.epochs == make_config("cmrcnet", "tiny").train.epochs
+    d["train"]["no_such_key"] = 1
+    with pytest.raises(Exception, match="unknown config key"):
+        from_dict(d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,11 @@ class RetrievalConfig:
     backend: str = "auto"
     """``auto``, ``torch`` (exact), ``faiss-flat`` (exact), ``faiss-ivf``, ``faiss-ivfpq``, ``faiss-hnsw``."""
     auto_exact_max: int = 2_000_000
-    """``auto`` uses exact search up to this bank size, an approximate index (IVF-PQ) above."""
+    """``auto`` uses exact search up to this bank size (torch to 50k rows, FAISS flat above), an
+    approximate index (IVF-PQ) beyond."""
     exact_precision: str = "auto"
-    """Exact (torch) search scoring: ``fp32``, ``bf16`` (bf16 candidates re-ranked in fp32, still
-    exact) or ``auto`` (bf16 for banks >= 50k rows on CPUs with native bf16 matmuls)."""
+    """Exact (torch) search scoring: ``fp32`` (= ``auto``) or ``bf16`` (bf16 candidates re-ranked
+    in fp32, uncertain rows redone in fp32: still exact; faster only on well-spread banks)."""
     index: dict[str, Any] = field(default_factory=dict)
     """Approximate-index settings (``nlist``, ``nprobe``, ``pq_m``, ``k_factor``, ``M``, ``ef_search``)."""
     embed_precision: str = "auto"
@@ -233,6 +235,10 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+REMOVED_KEYS = {"train.compile": "never read; torch.compile gave no speed-up (docs/PERFORMANCE.md)"}
+"""Keys older versions wrote: skipped with a warning, so their saved runs still load."""
+
+
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a (possibly partial) nested dict, rejecting unknown keys."""
     cfg = RunConfig()
@@ -241,6 +247,9 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
             if not isinstance(v, dict):
                 raise ConfigError(f"config section {k!r} must be a mapping")
             for kk, vv in v.items():
+                if f"{k}.{kk}" in REMOVED_KEYS:
+                    warnings.warn(f"config key {k}.{kk} was removed ({REMOVED_KEYS[f'{k}.{kk}']}); ignored", stacklevel=2)
+                    continue
                 set_key(cfg, f"{k}.{kk}", vv)
         elif k == "model":
             cfg.model = dict(v or {})

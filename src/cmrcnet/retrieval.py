@@ -196,8 +196,6 @@ def embed_images(model: Any, images: Any, batch_size: int = 256) -> np.ndarray:
 
 
 # -- search --------------------------------------------------------------------------------------
-BF16_RERANK_MIN_ROWS = 50_000
-"""``precision="auto"`` scores in bf16 (then reranks in fp32) from this bank size up, where it pays."""
 _BF16_SCORE_EPS = 2.0**-7
 """Bound on |fp32 - bf16| cosine of unit vectors: bf16 inputs (2**-8 relative, summed by
 Cauchy-Schwarz) plus the bf16 rounding of the score itself (2**-9)."""
@@ -267,17 +265,16 @@ def _search_torch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact search with torch matmuls; queries chunked so a score block stays under ``chunk_bytes``.
 
-    ``precision``: ``fp32``; ``bf16`` (bf16 scores pick ``k + pad`` candidates, fp32 ranks
-    them, uncertified rows are redone in fp32: still exact); ``auto`` = ``bf16`` for banks of
-    at least :data:`BF16_RERANK_MIN_ROWS` rows on CPUs with fast bf16 matmuls.
+    ``precision``: ``fp32`` (and ``auto``); ``bf16``: bf16 scores pick ``k + pad`` candidates,
+    fp32 ranks them, and rows the bf16 error bound cannot certify are redone in fp32, so the
+    result stays exact. It pays only where the scores are spread out: on dense banks most rows
+    are redone (92 % at 1M in docs/PERFORMANCE.md), so ``auto`` stays fp32.
     """
     import torch
 
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and keys.shape[0] >= BF16_RERANK_MIN_ROWS and bf16_matmul_is_fast()
-    )
+    use_bf16 = precision == "bf16"
     sims_out = np.empty((q.shape[0], k), np.float32)
     idx_out = np.empty((q.shape[0], k), np.int64)
     # autocast off: an outer bf16 autocast would otherwise turn the fp32 path into bf16
@@ -322,20 +319,26 @@ def _ivf_training_rows(keys: np.ndarray, nlist: int, index_kwargs: dict[str, Any
 
 def set_query_params(index: Any, backend: str, **index_kwargs: Any) -> None:
     """``nprobe`` (IVF; default ``max(16, nlist // 8)``), ``ef_search`` (HNSW; default 128),
-    ``k_factor`` (IVF-PQ rerank depth; default 16)."""
+    ``k_factor`` (IVF-PQ re-rank depth; default 64: recall 0.93 at 48, 0.98 at 128 on a trained 100k bank)."""
     faiss = _faiss()
     if backend in ("faiss-ivf", "faiss-ivfpq"):
         ivf = faiss.extract_index_ivf(index)
         nlist = ivf.nlist
         ivf.nprobe = int(index_kwargs.get("nprobe") or min(nlist, max(16, nlist // 8)))
         if backend == "faiss-ivfpq":
-            index.k_factor = float(index_kwargs.get("k_factor") or 16)
+            index.k_factor = float(index_kwargs.get("k_factor") or 64)
     elif backend == "faiss-hnsw":
         index.hnsw.efSearch = int(index_kwargs.get("ef_search", 128))
 
 
 def build_faiss_index(keys: np.ndarray, backend: str, **index_kwargs: Any):
-    """A FAISS inner-product index over (already normalised) ``keys``.
+    """A FAISS index over (already normalised) ``keys``.
+
+    The approximate indexes use the L2 metric: for unit vectors it ranks exactly like the
+    inner product (|q - k|^2 = 2 - 2 cos), and k-means / PQ partition a narrow cone of
+    embeddings far better in L2 (trained gene embeddings of her2st sit within cosine 0.98-0.99
+    of each other; inner-product IVF-PQ reached recall 0.1-0.3 there). :func:`search`
+    converts the distances back to cosines.
 
     ``faiss-ivf``: inverted lists of full vectors, ``nlist`` (default ``4 * sqrt(M)``, at most
     ``M / 39``), ``nprobe``; ``faiss-ivfpq``: the same lists holding 4-bit fast-scan PQ codes
@@ -350,17 +353,17 @@ def build_faiss_index(keys: np.ndarray, backend: str, **index_kwargs: Any):
         index = faiss.IndexFlatIP(d)
     elif backend == "faiss-ivf":
         nlist = _ivf_nlist(m, index_kwargs)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist, faiss.METRIC_L2)
         index.train(_ivf_training_rows(keys, nlist, index_kwargs))
     elif backend == "faiss-ivfpq":
         nlist = _ivf_nlist(m, index_kwargs)
         pq_m = int(index_kwargs.get("pq_m") or (d // 4 if d % 4 == 0 else d))
         if d % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide the embedding dimension {d}")
-        index = faiss.index_factory(d, f"IVF{nlist},PQ{pq_m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(d, f"IVF{nlist},PQ{pq_m}x4fs,RFlat", faiss.METRIC_L2)
         index.train(_ivf_training_rows(keys, nlist, index_kwargs))
     elif backend == "faiss-hnsw":
-        index = faiss.IndexHNSWFlat(d, int(index_kwargs.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(d, int(index_kwargs.get("M", 32)), faiss.METRIC_L2)
         index.hnsw.efConstruction = int(index_kwargs.get("ef_construction", 200))
     else:
         raise ConfigError(f"not a FAISS backend: {backend!r}")
@@ -369,14 +372,22 @@ def build_faiss_index(keys: np.ndarray, backend: str, **index_kwargs: Any):
     return index
 
 
+TORCH_EXACT_MAX = 50_000
+"""``auto`` searches banks up to this size with torch (no index to build); larger exact searches
+go to FAISS's flat index, whose tiled BLAS scoring with a heap top-k was 2x faster at 1M rows
+(docs/PERFORMANCE.md)."""
+
+
 def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000) -> str:
-    """``auto``: exact search up to ``auto_exact_max`` keys (with bf16 scoring it is as fast
-    as an IVF index at recall 0.95 on CPU up to ~1M rows), IVF-PQ above."""
+    """``auto``: exact search up to ``auto_exact_max`` keys (``torch`` below
+    :data:`TORCH_EXACT_MAX`, ``faiss-flat`` above), an IVF-PQ index beyond."""
     if backend not in BACKENDS:
         raise ConfigError(f"retrieval backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    return "torch" if n_keys <= auto_exact_max else "faiss-ivfpq"
+    if n_keys > auto_exact_max:
+        return "faiss-ivfpq"
+    return "torch" if n_keys <= TORCH_EXACT_MAX else "faiss-flat"
 
 
 def search(
@@ -391,8 +402,8 @@ def search(
     """Top-``k`` keys by cosine similarity for each query: ``(sims (N,k), idx (N,k))``, sorted descending.
 
     Inputs are L2-normalised here, so raw embeddings are fine. ``k`` larger than the
-    bank is clipped to the bank size. ``auto`` is exact (torch) up to ``auto_exact_max``
-    keys and IVF-PQ above. ``index``: a FAISS index already built over ``keys`` (see
+    bank is clipped to the bank size. ``auto`` is exact up to ``auto_exact_max`` keys (see
+    :func:`resolve_backend`) and IVF-PQ above. ``index``: a FAISS index already built over ``keys`` (see
     :meth:`Bank.search`, which caches one), else it is built here. Approximate backends
     may return ``-1`` indices when they find fewer than ``k`` candidates; their
     similarity is then ``-inf``. ``precision`` (torch backend): ``auto``/``fp32``/``bf16``,
@@ -425,6 +436,8 @@ def search(
         elif b != "faiss-flat":
             set_query_params(index, b, **index_kwargs)
         sims, idx = index.search(q, k)
+        if index.metric_type == _faiss().METRIC_L2:
+            sims = 1.0 - 0.5 * sims  # squared L2 distance of unit vectors -> cosine
         sims, idx = sims.astype(np.float32), idx.astype(np.int64)
     sims = np.where(idx < 0, -np.inf, sims).astype(np.float32)
     return sims, idx
@@ -509,7 +522,7 @@ class ShardedIndex:
     def __init__(
         self,
         shards: Sequence[np.ndarray | str | os.PathLike],
-        backend: str = "torch",
+        backend: str = "faiss-flat",
         **index_kwargs: Any,
     ) -> None:
         if not shards:

@@ -97,17 +97,26 @@ def predict_cmd(
     pitch_um: float = typer.Option(100.0, "--pitch-um", help="Grid pitch for --image."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Neighbours for retrieval methods."),
     genes: Optional[str] = typer.Option(None, "--genes", help="Comma-separated genes to draw as PNG maps."),
+    overrides: Optional[list[str]] = typer.Option(
+        None, "--set", help="Retrieval override key=value, e.g. retrieval.backend=faiss-ivfpq (repeatable)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Predict expression for every spot of a sample (or a grid over a slide)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cmrcnet.config import apply_overrides, parse_overrides
     from cmrcnet.training import load_run, predict_sample, predict_streaming, write_h5ad_atomic
 
     _setup_logging(verbose)
     if (sample is None) == (image is None):
         raise InputError("give exactly one of --sample (a dataset folder) or --image (a slide)")
     trained = load_run(run)
+    ov = parse_overrides(overrides)
+    bad = [k for k in ov if not k.startswith("retrieval.")]
+    if bad:
+        raise InputError(f"predict can only override retrieval.* settings, not {', '.join(bad)}")
+    apply_overrides(trained.cfg, ov)
     t0 = time.perf_counter()
     if image is not None:
         from cmrcnet.tiling import grid_sample
