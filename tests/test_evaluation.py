@@ -203,6 +203,9 @@ def test_table1_averages_folds_then_seeds() -> None:
     assert t.loc["m", "HEG50 sd"] == pytest.approx(np.std(seed_means, ddof=1))
     assert t.loc["m", "HEG50"] == f"{np.mean(seed_means):.4f} ± {np.std(seed_means, ddof=1):.4f}"
     assert t.loc["m", "seeds"] == 2 and t.loc["m", "samples"] == 3
+    per_sample = [np.mean([0.1, 0.4]), np.mean([0.2, 0.5]), 0.6]  # each held-out sample over its seeds
+    assert t.loc["m", "HEG50 sd_folds"] == pytest.approx(np.std(per_sample, ddof=1))
+    assert t.loc["m", "HEG50 fold sd"] == f"{np.std(per_sample, ddof=1):.4f}"
 
 
 def test_collect_and_tables(bench: Path, tmp_path: Path) -> None:
@@ -219,7 +222,9 @@ def test_collect_and_tables(bench: Path, tmp_path: Path) -> None:
     assert (t1.loc["cmrcnet-50", ["HEG50 mean", "HVG50 mean"]] > t1.loc["stnet", ["HEG50 mean", "HVG50 mean"]]).all()
     assert t1.loc["stnet", "seeds"] == 2 and t1.loc["stnet", "samples"] == 2
     md = S.to_markdown(S.table1(df, top_ks=(50,)))
-    assert md.splitlines()[0] == "| label | HEG50 | HVG50 | markers | seeds | samples |"
+    assert md.splitlines()[0] == (
+        "| label | HEG50 | HEG50 fold sd | HVG50 | HVG50 fold sd | markers | markers fold sd | seeds | samples |"
+    )
     cm_line = next(line for line in md.splitlines() if line.startswith("| cmrcnet-50"))
     st_line = next(line for line in md.splitlines() if line.startswith("| stnet"))
     assert cm_line.count("**") == 6 and "**" not in st_line

@@ -47,7 +47,8 @@ CONVENTIONS = (
     "is constant has an undefined PCC, counted as 0 (as the authors do) and reported below. "
     "HEG/HVG sets are the top-k genes by mean / variance in each held-out sample's own ground truth, "
     "among the predicted genes. Averages: over the genes of a set, then over held-out samples "
-    "(folds), then mean ± sd over seeds. Best value per column in bold."
+    "(folds), then mean ± sd over seeds; 'fold sd' columns give the sd over held-out samples of "
+    "each sample's mean over seeds. Best value per column in bold."
 )
 
 
@@ -83,7 +84,8 @@ def _tables(coll: Collection, out_dir: Path) -> list[ReportItem]:
     items = [
         ReportItem("Table 1 — top-50 genes and marker genes (PCC)",
                    "Mean PCC over genes of each held-out sample's HEG-50 / HVG-50 and the dataset's "
-                   "marker genes; mean ± sd over seeds. Retrieval methods: one row per number of "
+                   "marker genes; mean ± sd over seeds, and the sd over held-out samples ('fold sd'). "
+                   "Retrieval methods: one row per number of "
                    "neighbours k (label suffix).", table1(s, TABLE1_SETS)),
         ReportItem("Table 2 — extended gene sets (PCC)",
                    "HEG/HVG-150 scored on retrieval runs with k = 250, HEG/HVG-250 with k = 500 (paper); "

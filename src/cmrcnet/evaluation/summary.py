@@ -246,13 +246,17 @@ def _group_keys(df: pd.DataFrame, row: str) -> list[str]:
 
 
 def aggregate(df: pd.DataFrame, metric: str = "mean_pcc", row: str = "label") -> pd.DataFrame:
-    """Long table: (dataset,) row, set -> mean and sd over seeds of the per-seed mean over folds."""
+    """Long table: (dataset,) row, set -> mean and sd over seeds of the per-seed mean over folds,
+    and ``sd_folds``: the sd over held-out samples of each sample's mean over seeds (how much
+    the score depends on which section is held out, usually the larger spread)."""
     if df.empty:
-        return pd.DataFrame(columns=[row, "set", "mean", "sd", "n_seeds", "n_samples"])
+        return pd.DataFrame(columns=[row, "set", "mean", "sd", "sd_folds", "n_seeds", "n_samples"])
     keys = _group_keys(df, row) + ["set"]
     per_seed = df.groupby(keys + ["seed"], sort=True)[metric].mean()
     g = per_seed.groupby(level=keys, sort=True)
     out = pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1), "n_seeds": g.count()})
+    per_sample = df.groupby(keys + ["sample_id"], sort=True)[metric].mean()
+    out["sd_folds"] = per_sample.groupby(level=keys, sort=True).std(ddof=1)
     out["n_samples"] = df.groupby(keys)["sample_id"].nunique()
     return out.reset_index()
 
@@ -285,23 +289,26 @@ def _wide(long: pd.DataFrame, sets: Sequence[str], row: str, metric: str) -> pd.
     best: dict[str, tuple[str, str]] = {}
     lk = long.set_index(idx_cols + ["set"]) if not long.empty else long
     for s in sets:
-        means, sds, seeds, samples = [], [], [], []
+        means, sds, fold_sds, seeds, samples = [], [], [], [], []
         for ix in table.index:
             key = (*ix, s) if isinstance(ix, tuple) else (ix, s)
             hit = lk.loc[key] if (not long.empty and key in lk.index) else None
             means.append(float(hit["mean"]) if hit is not None else np.nan)
             sds.append(float(hit["sd"]) if hit is not None else np.nan)
+            fold_sds.append(float(hit["sd_folds"]) if hit is not None and "sd_folds" in hit else np.nan)
             seeds.append(int(hit["n_seeds"]) if hit is not None else 0)
             samples.append(int(hit["n_samples"]) if hit is not None else 0)
         table[s] = [format_mean_sd(m, d) for m, d in zip(means, sds)]
-        table[f"{s} mean"], table[f"{s} sd"] = means, sds
+        table[f"{s} fold sd"] = [f"{d:.4f}" if np.isfinite(d) else "n/a" for d in fold_sds]
+        table[f"{s} mean"], table[f"{s} sd"], table[f"{s} sd_folds"] = means, sds, fold_sds
         table[f"{s} n_seeds"], table[f"{s} n_samples"] = seeds, samples
         best[s] = (f"{s} mean", "min" if metric in LOWER_IS_BETTER else "max")
     n_seeds = table[[f"{s} n_seeds" for s in sets]].max(axis=1) if sets else 0
     n_samples = table[[f"{s} n_samples" for s in sets]].max(axis=1) if sets else 0
     table = table.drop(columns=[f"{s} {c}" for s in sets for c in ("n_seeds", "n_samples")])
     table["seeds"], table["samples"] = n_seeds, n_samples
-    table.attrs.update(display=list(sets) + ["seeds", "samples"], best=best, metric=metric)
+    shown = [c for s in sets for c in (s, f"{s} fold sd")]
+    table.attrs.update(display=shown + ["seeds", "samples"], best=best, metric=metric)
     return table
 
 
