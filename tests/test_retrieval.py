@@ -287,3 +287,13 @@ def test_end_to_end_with_cmrcnet_tiny() -> None:
     sims, idx = search(q, bank.embeddings, 5)
     pred, spread = predict_from_neighbours(sims, idx, bank.expression)
     assert pred.shape == spread.shape == (4, 8) and np.isfinite(pred).all()
+
+
+def test_bad_index_settings_are_config_errors() -> None:
+    from cmrcnet.retrieval import build_faiss_index
+
+    _, keys = _clustered(500, 5)
+    with pytest.raises(ConfigError, match="pq_m"):
+        build_faiss_index(keys, "faiss-ivfpq", pq_m=5)  # does not divide 32
+    with pytest.raises(ConfigError, match="not a FAISS backend"):
+        build_faiss_index(keys, "torch")

@@ -132,6 +132,14 @@ def test_cli_train_and_predict(synth, tmp_path):
         capture_output=True, text=True,
     )
     assert r.returncode == 2 and "retrieval.*" in r.stderr and "Traceback" not in r.stderr
+    for bad in ("retrieval.embed_precision=fp8", "retrieval.backend=annoy"):
+        r = subprocess.run(
+            env_cmd + ["predict", "--run", str(tmp_path / "run"), "--sample", str(synth), "--sample-id", sid,
+                       "--out", str(tmp_path / "x.h5ad"), "--set", bad],
+            capture_output=True, text=True,
+        )
+        assert r.returncode == 2 and bad.split("=")[0].split(".")[-1] in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "x.h5ad").exists()
 
 
 def test_cli_errors_are_one_line(tmp_path):
