@@ -34,6 +34,7 @@ import hashlib
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,6 +177,7 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
     from cmrcnet.retrieval import build_faiss_index, search, set_query_params
 
     m, d = keys.shape
+    nprobes = [int(p) for p in args.ivf_nprobe.split(",")]
     rows: list[dict[str, Any]] = []
     curve: list[dict[str, Any]] = []
 
@@ -195,6 +197,27 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
         }
         progress(r)
         return r
+
+    def sweep(index, backend: str, build_s: float, points: list[tuple[str, Callable[[], None]]]):
+        """Time one query pass per setting (``params`` label, setter), recording each on the
+        trade-off curve; stop once recall reaches ``--recall-stop`` or a pass exceeds ``--max-query-s``."""
+        for params, apply in points:
+            apply()
+            t = time.perf_counter()
+            _, i = index.search(q, k)
+            qs = time.perf_counter() - t
+            rec = recall_at_k(i, ex_i)
+            curve.append({"bank": m, "backend": backend, "params": params, "build_s": build_s,
+                          "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
+            progress(curve[-1])
+            yield params, qs, rec
+            if rec >= args.recall_stop or qs > args.max_query_s:
+                return
+
+    def not_reached(backend: str, build_s: float, nbytes: int) -> dict:
+        """Summary row for a sweep that never reached the recall target: its last (slowest) setting."""
+        last = next(c for c in reversed(curve) if c["backend"] == backend)
+        return row(backend, last["params"] + " (target not reached)", build_s, last["query_s"], nbytes, last["recall"], len(q))
 
     ref_path = args.cache / f"exact_{args.cache_key}_{m}_{len(q)}_{k}.npy"
     if "torch" in backends or not ref_path.is_file():
@@ -239,28 +262,17 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
             label = f"nlist {index.nlist}" + (" (module defaults)" if nlist == 0 else f", train {min(max_train, m):,}")
             label += f", imbalance {index.invlists.imbalance_factor():.1f}"
 
+            default_nprobe = max(1, index.nlist // 16)
+            points = [(f"{label}, nprobe {p}", partial(setattr, index, "nprobe", p))
+                      for p in nprobes if p <= index.nlist]
             best = None
-            for nprobe in [int(p) for p in args.ivf_nprobe.split(",")]:
-                if nprobe > index.nlist:
-                    break
-                index.nprobe = nprobe
-                t = time.perf_counter()
-                _, i = index.search(q, k)
-                qs = time.perf_counter() - t
-                rec = recall_at_k(i, ex_i)
-                curve.append({"bank": m, "backend": "faiss-ivf", "params": f"{label}, nprobe {nprobe}", "build_s": b_s, "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
-                progress(curve[-1])
-                if nlist == 0 and nprobe == max(1, index.nlist // 16):
-                    rows.append(row("faiss-ivf", f"{label}, nprobe {nprobe} (default)", b_s, qs, nb, rec, len(q)))
+            for params, qs, rec in sweep(index, "faiss-ivf", b_s, points):
+                if nlist == 0 and params.endswith(f", nprobe {default_nprobe}"):
+                    rows.append(row("faiss-ivf", f"{params} (default)", b_s, qs, nb, rec, len(q)))
                 if best is None and rec >= args.recall_target:
-                    best = row("faiss-ivf", f"{label}, nprobe {nprobe}", b_s, qs, nb, rec, len(q))
-                if rec >= args.recall_stop or qs > args.max_query_s:
-                    break
-            if best is None and nlist != 0 and curve and curve[-1]["backend"] == "faiss-ivf":
-                last = curve[-1]
-                best = row("faiss-ivf", last["params"] + " (target not reached)", b_s, last["query_s"], nb, last["recall"], len(q))
-            if best is not None and nlist != 0:
-                rows.append(best)
+                    best = row("faiss-ivf", params, b_s, qs, nb, rec, len(q))
+            if nlist != 0:
+                rows.append(best or not_reached("faiss-ivf", b_s, nb))
             del index
     if "faiss-ivfpq" in backends:
         for nlist in ivf_nlists(m, args.ivfpq_nlist):
@@ -270,47 +282,26 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
             nb = index_bytes(index)
             best = None
             for kf in [float(x) for x in args.ivfpq_k_factor.split(",")]:
-                for nprobe in [int(p) for p in args.ivf_nprobe.split(",")]:
-                    if nprobe > nlist:
-                        break
-                    set_query_params(index, "faiss-ivfpq", nprobe=nprobe, k_factor=kf)
-                    t = time.perf_counter()
-                    _, i = index.search(q, k)
-                    qs = time.perf_counter() - t
-                    rec = recall_at_k(i, ex_i)
-                    label = f"nlist {nlist}, PQ{d // 4}x4fs, k_factor {kf:g}, nprobe {nprobe}"
-                    curve.append({"bank": m, "backend": "faiss-ivfpq", "params": label, "build_s": b_s, "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
-                    progress(curve[-1])
+                points = [(f"nlist {nlist}, PQ{d // 4}x4fs, k_factor {kf:g}, nprobe {p}",
+                           partial(set_query_params, index, "faiss-ivfpq", nprobe=p, k_factor=kf))
+                          for p in nprobes if p <= nlist]
+                for params, qs, rec in sweep(index, "faiss-ivfpq", b_s, points):
                     if rec >= args.recall_target and (best is None or qs < best["query_s"]):
-                        best = row("faiss-ivfpq", label, b_s, qs, nb, rec, len(q))
-                    if rec >= args.recall_stop or qs > args.max_query_s:
-                        break
-            if best is None and curve:
-                best = row("faiss-ivfpq", curve[-1]["params"] + " (target not reached)", b_s, curve[-1]["query_s"], nb, curve[-1]["recall"], len(q))
-            rows.append(best)
+                        best = row("faiss-ivfpq", params, b_s, qs, nb, rec, len(q))
+            rows.append(best or not_reached("faiss-ivfpq", b_s, nb))
             del index
     if "faiss-hnsw" in backends and m <= args.hnsw_max:
         t = time.perf_counter()
         index = build_faiss_index(keys, "faiss-hnsw", M=args.hnsw_m, ef_construction=args.hnsw_efc)
         b_s = time.perf_counter() - t
         nb = index_bytes(index)
+        points = [(f"M {args.hnsw_m}, efC {args.hnsw_efc}, efSearch {ef}", partial(setattr, index.hnsw, "efSearch", ef))
+                  for ef in (int(e) for e in args.hnsw_ef.split(","))]
         best = None
-        for ef in [int(e) for e in args.hnsw_ef.split(",")]:
-            index.hnsw.efSearch = ef
-            t = time.perf_counter()
-            _, i = index.search(q, k)
-            qs = time.perf_counter() - t
-            rec = recall_at_k(i, ex_i)
-            label = f"M {args.hnsw_m}, efC {args.hnsw_efc}, efSearch {ef}"
-            curve.append({"bank": m, "backend": "faiss-hnsw", "params": label, "build_s": b_s, "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
-            progress(curve[-1])
+        for params, qs, rec in sweep(index, "faiss-hnsw", b_s, points):
             if best is None and rec >= args.recall_target:
-                best = row("faiss-hnsw", label, b_s, qs, nb, rec, len(q))
-            if rec >= args.recall_stop or qs > args.max_query_s:
-                break
-        if best is None and curve:
-            best = row("faiss-hnsw", curve[-1]["params"] + " (target not reached)", b_s, curve[-1]["query_s"], nb, curve[-1]["recall"], len(q))
-        rows.append(best)
+                best = row("faiss-hnsw", params, b_s, qs, nb, rec, len(q))
+        rows.append(best or not_reached("faiss-hnsw", b_s, nb))
         del index
     return rows, curve
 

@@ -234,6 +234,7 @@ def test_collect_and_tables(bench: Path, tmp_path: Path) -> None:
     assert t2.loc["cmrcnet", "k used"] == "250/500" and t2.loc["stnet", "k used"] == "-"
     exp = df[(df["label"] == "cmrcnet-250") & (df["set"] == "HEG150")].groupby("seed")["mean_pcc"].mean().mean()
     assert t2.loc["cmrcnet", "HEG150 mean"] == pytest.approx(exp)
+    assert S.to_markdown(t2).splitlines()[0].startswith("| method | HEG150 | HEG150 fold sd | HVG150 |")
 
     t3 = S.top_genes(coll.genes, n=5)
     assert t3.shape[0] == 5 and "stnet gene" in t3.columns and "cmrcnet-50 PCC" in t3.columns
@@ -244,6 +245,7 @@ def test_collect_and_tables(bench: Path, tmp_path: Path) -> None:
     assert list(t5.index) == ["cmrcnet-contrastive-only", "cmrcnet-mse-mask0.3-image"]
     assert t5.loc["cmrcnet-mse-mask0.3-image", ["mask_rate", "loss", "target"]].tolist() == ["0.3", "mse", "image"]
     assert t5.loc["cmrcnet-contrastive-only", "loss"] == ""
+    assert "| target | HEG50 | HEG50 fold sd | HVG50 |" in S.to_markdown(t5).splitlines()[0]
     assert S.parse_variant("mask0.7-cosine-expression") == {"mask_rate": "0.7", "loss": "cosine",
                                                             "target": "expression"}
     assert S.constant_table(coll.runs).loc["stnet", "constant genes"] == 4

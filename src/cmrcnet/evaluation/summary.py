@@ -16,7 +16,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,6 +275,11 @@ def format_mean_sd(mean: float, sd: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _with_fold_sd(sets: Iterable[str]) -> list[str]:
+    """Display columns: each set's ``mean ± sd over seeds`` followed by its sd over held-out samples."""
+    return [c for s in sets for c in (s, f"{s} fold sd")]
+
+
 def _wide(long: pd.DataFrame, sets: Sequence[str], row: str, metric: str) -> pd.DataFrame:
     """Methods x sets table: display strings plus numeric ``{set} mean``/``{set} sd`` columns."""
     idx_cols = [c for c in ("dataset", row) if c in long.columns]
@@ -307,7 +312,7 @@ def _wide(long: pd.DataFrame, sets: Sequence[str], row: str, metric: str) -> pd.
     n_samples = table[[f"{s} n_samples" for s in sets]].max(axis=1) if sets else 0
     table = table.drop(columns=[f"{s} {c}" for s in sets for c in ("n_seeds", "n_samples")])
     table["seeds"], table["samples"] = n_seeds, n_samples
-    shown = [c for s in sets for c in (s, f"{s} fold sd")]
+    shown = _with_fold_sd(sets)
     table.attrs.update(display=shown + ["seeds", "samples"], best=best, metric=metric)
     return table
 
@@ -373,7 +378,7 @@ def table2(df: pd.DataFrame, sets_k: Mapping[str, int] | None = None,
     table.index = table.index.rename("method" if table.index.nlevels == 1 else ["dataset", "method"])
     base_of = [ix[-1] if isinstance(ix, tuple) else ix for ix in table.index]
     table["k used"] = [used.get(b, "-") for b in base_of]
-    table.attrs["display"] = list(sets_k) + ["k used", "seeds", "samples"]
+    table.attrs["display"] = _with_fold_sd(sets_k) + ["k used", "seeds", "samples"]
     return table
 
 
@@ -414,7 +419,7 @@ def ablation_table(df: pd.DataFrame, sets: Sequence[str] = ("HEG50", "HVG50", "m
         variant = next(iter(sub.loc[sub["base"] == base, "variant"]), "")
         for col, val in parse_variant(variant).items():
             table.loc[ix, col] = val
-    table.attrs["display"] = ["mask_rate", "loss", "target"] + list(sets) + ["seeds", "samples"]
+    table.attrs["display"] = ["mask_rate", "loss", "target"] + _with_fold_sd(sets) + ["seeds", "samples"]
     return table
 
 
