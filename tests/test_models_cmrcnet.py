@@ -329,6 +329,17 @@ def test_presets_resolve_and_validate(method: str, preset: str) -> None:
         assert mc.encoder == ("vit_base_patch32_224" if method == "cmrcnet" else "resnet50")
 
 
+def test_cpu_preset_with_a_cnn_encoder_via_null_override() -> None:
+    """Swapping the cpu preset's ViT for a ResNet needs ``vit_depth=null``; required keys stay non-null."""
+    cfg = make_config("cmrcnet", "cpu", {"model.encoder": "resnet10t", "model.vit_depth": "null"})
+    mc = get_method("cmrcnet").validate_model_config(cfg.model)
+    assert mc.encoder == "resnet10t" and mc.vit_depth is None and mc.reconstruction
+    with pytest.raises(ConfigError, match="embed_dim .*cannot be null"):
+        get_method("cmrcnet").validate_model_config(make_config("cmrcnet", "cpu", {"model.embed_dim": "null"}).model)
+    with pytest.raises(ConfigError, match="expected an integer"):
+        make_config("cmrcnet", "cpu", {"train.epochs": "null"})
+
+
 def test_authors_preset() -> None:
     cfg = make_config("cmrcnet", "authors")
     mc = get_method("cmrcnet").validate_model_config(cfg.model)

@@ -202,6 +202,9 @@ def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
     section, key = parts[0], ".".join(parts[1:])
     if section == "model":
         cur = cfg.model.get(key)
+        if _is_null(value):  # e.g. vit_depth=null when a preset's ViT is swapped for a CNN
+            cfg.model[key] = None
+            return
         cfg.model[key] = _coerce(value, cur, dotted) if cur is not None else (
             yaml.safe_load(value) if isinstance(value, str) else value
         )
@@ -212,7 +215,16 @@ def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
     if key not in {f.name for f in fields(obj)}:
         valid = ", ".join(f.name for f in fields(obj))
         raise ConfigError(f"unknown config key {dotted!r} (valid {section}.* keys: {valid})")
+    field_type = next(str(f.type) for f in fields(obj) if f.name == key)
+    if _is_null(value) and "None" in field_type:
+        setattr(obj, key, None)
+        return
     setattr(obj, key, _coerce(value, getattr(obj, key), dotted))
+
+
+def _is_null(value: Any) -> bool:
+    """``null``/``none``/``~`` given on the command line: reset an optional key."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~"))
 
 
 _SECTIONS = ("data", "patches", "genes", "split", "train", "retrieval")

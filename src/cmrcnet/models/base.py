@@ -78,6 +78,10 @@ class MethodSpec:
                 f"unknown model option(s) for method {self.name!r}: {', '.join(unknown)} "
                 f"(valid: {', '.join(sorted(valid))})"
             )
+        required = [f.name for f in dataclasses.fields(self.Config)
+                    if model_cfg.get(f.name, 0) is None and "None" not in str(f.type)]
+        if required:
+            raise ConfigError(f"model option(s) {', '.join(required)} of method {self.name!r} cannot be null")
         return self.Config(**model_cfg)
 
     def build(self, model_cfg: dict[str, Any], n_genes: int) -> ExpressionModel:
