@@ -37,6 +37,9 @@ def test_benchmark_end_to_end_and_resume(synth, tmp_path):
     assert len(list(out.glob("runs/cmrcnet/seed0/fold*/pred.h5ad"))) == 3
     assert len(list(out.glob("runs/cmrcnet/seed0/fold*/pred_k20.h5ad"))) == 3
     assert not list(out.glob("runs/stnet/seed0/fold*/pred_k*.h5ad"))
+    # finished jobs keep model.pt but not the (large) Lightning checkpoints
+    assert len(list(out.glob("runs/*/seed0/fold*/model.pt"))) == 6
+    assert not list(out.glob("runs/*/seed0/fold*/checkpoints"))
 
     # resume skips every finished job
     statuses = []
@@ -50,6 +53,12 @@ def test_benchmark_end_to_end_and_resume(synth, tmp_path):
     html, md = build_report(out)
     assert html.is_file() and md.is_file()
     assert "cmrcnet" in md.read_text()
+
+    import dataclasses
+
+    kept = tmp_path / "bench_kept"
+    run_benchmark(dataclasses.replace(spec, methods=["cmrcnet"], keep_checkpoints=True), kept, only_fold=0)
+    assert list(kept.glob("runs/cmrcnet/seed0/fold0/checkpoints/*.ckpt"))
 
 
 def test_benchmark_cli_bad_split(synth, tmp_path):

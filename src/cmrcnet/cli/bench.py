@@ -27,6 +27,7 @@ def benchmark_cmd(
     fold: Optional[int] = typer.Option(None, "--fold", help="Run one fold only (one per machine on a cluster)."),
     jobs: int = typer.Option(1, "--jobs", help="Folds run as this many parallel processes."),
     report: bool = typer.Option(True, "--report/--no-report", help="Build the report when all jobs are done."),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep each finished job's Lightning checkpoints (about 300 MB per cpu-preset job); model.pt is always kept."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Cross-validated comparison of methods; writes one run per (method, fold, seed)."""
@@ -50,6 +51,7 @@ def benchmark_cmd(
         gene_selection="all" if transductive_genes else "train",
         ablation=ablation,
         overrides=parse_overrides(overrides),
+        keep_checkpoints=keep_checkpoints,
     )
     t0 = time.perf_counter()
 
@@ -64,6 +66,8 @@ def benchmark_cmd(
             argv.append("--transductive-genes")
         if ablation:
             argv.append("--ablation")
+        if keep_checkpoints:
+            argv.append("--keep-checkpoints")
         for o in overrides or []:
             argv += ["--set", o]
         return argv
