@@ -212,11 +212,10 @@ def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
     if section not in _SECTIONS:
         raise ConfigError(f"unknown config section {section!r} in {dotted!r}")
     obj = getattr(cfg, section)
-    if key not in {f.name for f in fields(obj)}:
-        valid = ", ".join(f.name for f in fields(obj))
-        raise ConfigError(f"unknown config key {dotted!r} (valid {section}.* keys: {valid})")
-    field_type = next(str(f.type) for f in fields(obj) if f.name == key)
-    if _is_null(value) and "None" in field_type:
+    types = {f.name: str(f.type) for f in fields(obj)}
+    if key not in types:
+        raise ConfigError(f"unknown config key {dotted!r} (valid {section}.* keys: {', '.join(types)})")
+    if _is_null(value) and "None" in types[key]:
         setattr(obj, key, None)
         return
     setattr(obj, key, _coerce(value, getattr(obj, key), dotted))

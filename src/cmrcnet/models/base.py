@@ -79,7 +79,7 @@ class MethodSpec:
                 f"(valid: {', '.join(sorted(valid))})"
             )
         required = [f.name for f in dataclasses.fields(self.Config)
-                    if model_cfg.get(f.name, 0) is None and "None" not in str(f.type)]
+                    if f.name in model_cfg and model_cfg[f.name] is None and "None" not in str(f.type)]
         if required:
             raise ConfigError(f"model option(s) {', '.join(required)} of method {self.name!r} cannot be null")
         return self.Config(**model_cfg)
