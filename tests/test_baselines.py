@@ -16,7 +16,8 @@ from cmrcnet.models import get_method
 from cmrcnet.models.encoders import create_encoder
 from cmrcnet.models.histogene import Block, HisToGene, position_buckets
 from cmrcnet.models.ridge import RidgeProbe, efficientnet_lite0_weights
-from cmrcnet.models.stnet import STNet, dihedral
+from cmrcnet.data.batches import dihedral
+from cmrcnet.models.stnet import STNet
 
 G = 7
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -76,14 +77,32 @@ def fit_steps(
 def test_presets_resolve(name: str, preset: str) -> None:
     cfg = make_config(name, preset)
     get_method(name).validate_model_config(cfg.model)
-    assert get_method(name).model_cls.kind == "regression"
 
 
-def test_method_attributes() -> None:
-    assert STNet.batching == "spot" and STNet.trainable
-    assert HisToGene.batching == "slide" and HisToGene.trainable
-    assert RidgeProbe.batching == "spot" and not RidgeProbe.trainable
+def test_methods_supply_their_behaviour() -> None:
+    """Batching, validation and prediction come from methods the models override, not flags."""
+    from cmrcnet.data.batches import SpotTable
+    from cmrcnet.models import RegressionPredictor
+
+    assert STNet.validation_fraction(0.1) == 0.1 and RidgeProbe.validation_fraction(0.1) == 0.1
+    assert HisToGene.validation_fraction(0.1) == 0.0  # a slide is one sequence
     assert make_config("ridge", "cpu").train.augment is False
+    n = 7
+    table = SpotTable(np.zeros((n, 32, 32, 3), np.uint8), np.zeros((n, G), np.float32), np.zeros((n, 2), np.int64),
+                      np.array(["a"] * 3 + ["b"] * 4), np.array([str(i) for i in range(n)]))
+    table.slide_index = {"a": np.arange(3), "b": np.arange(3, 7)}
+    hg = get_method("histogene").build(make_config("histogene", "tiny").model, G)
+    assert [len(b["index"]) for b in hg.loader(table, batch_size=2, train=True)] in ([3, 4], [4, 3])
+    st = get_method("stnet").build(make_config("stnet", "tiny").model, G)
+    assert [len(b["index"]) for b in st.loader(table, batch_size=2, train=True)] == [2, 2, 2]  # last dropped
+    assert [len(b["index"]) for b in st.loader(table, batch_size=2)] == [2, 2, 2, 1]
+    spot_batches = list(st.loader(table, batch_size=2))
+    assert list(st.prediction_batches(spot_batches)) == spot_batches
+    (whole,) = hg.prediction_batches(spot_batches)  # one sequence of all spots, in order
+    assert whole["index"].tolist() == list(range(n)) and whole["img"].shape[0] == n
+    for model in (hg, st):
+        p = model.make_predictor(None, make_config("stnet", "tiny"))
+        assert isinstance(p, RegressionPredictor) and p.with_top_k(10) is None and p.describe() == {}
 
 
 # -- ST-Net ----------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_benchmark_end_to_end_and_resume(synth, tmp_path):
     import dataclasses
 
     kept = tmp_path / "bench_kept"
-    run_benchmark(dataclasses.replace(spec, methods=["cmrcnet"], keep_checkpoints=True), kept, only_fold=0)
+    run_benchmark(dataclasses.replace(spec, methods=["cmrcnet"], keep_checkpoints=True), kept, fold=0)
     assert list(kept.glob("runs/cmrcnet/seed0/fold0/checkpoints/*.ckpt"))
 
 

@@ -25,7 +25,7 @@ MARKERS = ["G3", "g5", "NOPE"]
 
 def make_prediction(method: str, seed: int, fold: int, quality: float, top_k: int | None = None,
                     variant: str | None = None, const_gene: bool = False, n_side: int = 6,
-                    with_image: bool = True) -> ad.AnnData:
+                    with_image: bool = True, overrides: dict | None = None) -> ad.AnnData:
     """A prediction AnnData following the input contract; the ground truth depends on the fold only."""
     rng = np.random.default_rng(fold)
     n, g = n_side * n_side, len(GENES60)
@@ -54,6 +54,7 @@ def make_prediction(method: str, seed: int, fold: int, quality: float, top_k: in
             "markers": MARKERS, "gene_selection": "train"}
     if variant:
         meta["variant"] = variant
+        meta["variant_overrides"] = dict(overrides or {})
     a.uns["cmrcnet"] = meta
     return a
 
@@ -68,11 +69,14 @@ def write_fake_bench(root: Path) -> Path:
                     d = root / "runs" / method / f"seed{seed}" / f"fold{fold}"
                     d.mkdir(parents=True, exist_ok=True)
                     a.write_h5ad(d / ("pred.h5ad" if k in (None, 50) else f"pred_k{k}.h5ad"))
-    for variant, quality in (("mse-mask0.3-image", 0.5), ("contrastive-only", 0.4)):
+    # the settings come from uns["cmrcnet"]["variant_overrides"], never from the name
+    variants = (("mse-mask0.3-image", 0.5, {"model.recon_loss": "mse", "model.mask_ratio": 0.3, "model.recon_target": "image"}),
+                ("contrastive-only", 0.4, {"model.reconstruction": False}))
+    for variant, quality, ov in variants:
         for fold in (0, 1):
             d = root / "ablation" / variant / f"fold{fold}"
             d.mkdir(parents=True, exist_ok=True)
-            make_prediction("cmrcnet", 0, fold, quality, top_k=50, variant=variant).write_h5ad(d / "pred.h5ad")
+            make_prediction("cmrcnet", 0, fold, quality, top_k=50, variant=variant, overrides=ov).write_h5ad(d / "pred.h5ad")
     return root
 
 
@@ -243,11 +247,10 @@ def test_collect_and_tables(bench: Path, tmp_path: Path) -> None:
 
     t5 = S.ablation_table(df)
     assert list(t5.index) == ["cmrcnet-contrastive-only", "cmrcnet-mse-mask0.3-image"]
-    assert t5.loc["cmrcnet-mse-mask0.3-image", ["mask_rate", "loss", "target"]].tolist() == ["0.3", "mse", "image"]
-    assert t5.loc["cmrcnet-contrastive-only", "loss"] == ""
-    assert "| target | HEG50 | HEG50 fold sd | HVG50 |" in S.to_markdown(t5).splitlines()[0]
-    assert S.parse_variant("mask0.7-cosine-expression") == {"mask_rate": "0.7", "loss": "cosine",
-                                                            "target": "expression"}
+    cols = ["reconstruction", "mask_ratio", "recon_loss", "recon_target"]
+    assert t5.loc["cmrcnet-mse-mask0.3-image", cols].tolist() == ["", "0.3", "mse", "image"]
+    assert t5.loc["cmrcnet-contrastive-only", cols].tolist() == ["False", "", "", ""]
+    assert "| recon_target | HEG50 | HEG50 fold sd | HVG50 |" in S.to_markdown(t5).splitlines()[0]
     assert S.constant_table(coll.runs).loc["stnet", "constant genes"] == 4
     assert S.gene_selection_modes(coll.runs) == ["train"]
 

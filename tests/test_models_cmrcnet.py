@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,9 +130,23 @@ def test_mask_ratio_is_honoured() -> None:
 
 # -- the model ------------------------------------------------------------------------------------
 def test_registered_as_retrieval_methods() -> None:
+    """Both supply a retrieval predictor that owns the bank of the fold's reference spots."""
+    from cmrcnet.config import make_config
+    from cmrcnet.data.batches import SpotTable
+    from cmrcnet.models import RetrievalPredictor
+    from cmrcnet.training import FoldData
+
+    n, g = 6, 5
+    table = SpotTable(np.zeros((n, 8, 8, 3), np.uint8), np.random.default_rng(0).random((n, g), dtype=np.float32),
+                      np.zeros((n, 2), np.int64), np.array(["a"] * n), np.array([str(i) for i in range(n)]))
+    fold = FoldData([f"g{i}" for i in range(g)], table.subset(np.arange(4)), table.subset(np.arange(4, 6)), {}, ["a"], [], [])
     for name, cls in (("cmrcnet", CMRCNet), ("bleep", BLEEP)):
         spec = get_method(name)
-        assert spec.model_cls is cls and cls.kind == "retrieval"
+        assert spec.model_cls is cls
+        cfg = make_config(name, "tiny")
+        p = spec.build(cfg.model, g).make_predictor(fold, cfg)
+        assert isinstance(p, RetrievalPredictor) and len(p.bank) == n  # validation spots included
+        assert p.describe()["top_k"] == cfg.retrieval.top_k and p.with_top_k(3).describe()["top_k"] == 3
     assert issubclass(BLEEP, CMRCNet) and issubclass(BLEEPConfig, CMRCNetConfig)
     d = BLEEPConfig()
     assert d.encoder == "resnet50" and d.reconstruction is False
@@ -387,3 +402,19 @@ def test_fused_and_explicit_attention_agree() -> None:
         assert attn_flags == {mode == "always"}  # auto on CPU = explicit maths
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(losses[1], losses[2])
+
+
+def test_pooled_width_differs_from_token_width() -> None:
+    """MobileNetV3's conv head pools to 1024 while its tokens are 576 wide: with ``pool="timm"`` the
+    projection head is built at the pooled width and the token projection at the token width."""
+    from cmrcnet.models.encoders import encoder_out_dim
+
+    cfg = dataclasses.replace(CMRCNetConfig(), encoder="mobilenetv3_small_100", pool="timm", embed_dim=32,
+                              gene_tokens=2, cross_heads=2, fusion_heads=2, vit_depth=None)
+    model = CMRCNet(cfg, G)
+    enc = model.image_encoder
+    assert (enc.token_dim, enc.out_dim) == (576, 1024) and encoder_out_dim(enc.model) == 1024
+    out = model.training_loss(batch(b=4, size=64))
+    assert torch.isfinite(out["loss"]) and "loss_recon" in out
+    stnet = get_method("stnet").build({"encoder": "mobilenetv3_small_100"}, G)
+    assert stnet.head.in_features == 1024

@@ -19,6 +19,7 @@ from matplotlib.image import imread
 
 from cmrcnet import plots
 from cmrcnet.errors import InputError
+from cmrcnet.models import get_method
 from cmrcnet.report import build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +84,7 @@ def test_boxplot_and_colours(report: tuple[Path, Path, Path], tmp_path: Path) ->
     fig = plots.boxplot_pcc(genes[genes["variant"] == ""], "HEG50", out=tmp_path / "box.png")
     assert isinstance(fig, Figure) and _is_png(tmp_path / "box.png")
     cols = plots.label_colours(["cmrcnet-50", "cmrcnet-500", "stnet", "mine"])
-    assert len(set(cols.values())) == 4 and cols["stnet"] == plots.METHOD_COLOURS["stnet"]
+    assert len(set(cols.values())) == 4 and cols["stnet"] == get_method("stnet").colour
     with pytest.raises(InputError):
         plots.boxplot_pcc(genes, "NOT_A_SET")
 

@@ -178,3 +178,65 @@ def test_runs_saved_with_a_removed_config_key_still_load() -> None:
     d["train"]["no_such_key"] = 1
     with pytest.raises(Exception, match="unknown config key"):
         from_dict(d)
+
+
+def _read_moved(folder: Path, sample_id: str):
+    from cmrcnet.data.readers import read_sample
+
+    return read_sample(folder, sample_id)
+
+
+def test_run_describes_itself_and_predicts_after_the_data_moved(tmp_path, monkeypatch):
+    """run.json holds markers, genes, gene sets and the caller's description; prediction never
+    consults the training data folder or a manifest, so moving the data changes nothing."""
+    import shutil
+
+    from cmrcnet.data.synthetic import make_synthetic_dataset
+    from cmrcnet.training import fit as fit_module
+
+    data = make_synthetic_dataset(tmp_path / "ds", n_samples=3, n_patients=3, seed=0)
+    cfg = _cfg(data, **{"genes.markers": ["GENE000", "GENE001"], "data.cache_dir": str(tmp_path / "cache")})
+    samples = load_samples(cfg)
+    held = samples[-1].sample_id
+    run = train(cfg, tmp_path / "run", [held], samples=samples, describe={"variant": "v", "variant_overrides": {"model.tau": 2.0}})
+    info = json.loads((run / "run.json").read_text())
+    assert info["markers"] == ["GENE000", "GENE001"] and info["test_ids"] == [held]
+    assert info["genes"] == (run / "genes.txt").read_text().split()
+    assert info["gene_sets"]["top_k_expressed_and_variable"] == [50, 150, 250]
+    before = predict_sample(load_run(run), samples[-1])
+
+    moved = tmp_path / "moved"
+    shutil.move(str(data), str(moved))
+
+    def no_data_lookups(*a, **k):
+        raise AssertionError("prediction consulted the training data folder")
+
+    monkeypatch.setattr(fit_module, "resolve_manifest", no_data_lookups)
+    monkeypatch.setattr(fit_module, "resolve_markers", no_data_lookups)
+    after = predict_sample(load_run(run), _read_moved(moved, held))
+    meta = after.uns["cmrcnet"]
+    assert list(meta["markers"]) == ["GENE000", "GENE001"] and meta["variant"] == "v"
+    assert float(meta["variant_overrides"]["model.tau"]) == 2.0
+    np.testing.assert_array_equal(after.layers["predicted"], before.layers["predicted"])
+
+
+@pytest.mark.realdata
+def test_her2st_markers_survive_moving_the_data(her2st_dir, tmp_path):
+    """The real case: markers come from the her2st manifest (found by the data folder) at training
+    time; after the folder is renamed, prediction gives the same markers and the same numbers."""
+    src = tmp_path / "her2st"
+    for sec, pat in (("C2", "C"), ("C3", "C")):  # a two-section partial copy made of symlinks
+        for rel in (f"ST-cnts/{sec}.tsv.gz", f"ST-spotfiles/{sec}_selection.tsv"):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).symlink_to(her2st_dir / rel)
+        (src / "ST-imgs" / pat).mkdir(parents=True, exist_ok=True)
+        (src / "ST-imgs" / pat / sec).symlink_to(her2st_dir / "ST-imgs" / pat / sec)
+    cfg = make_config("ridge", "tiny", {"data.path": str(src), "data.cache_dir": str(tmp_path / "cache")})
+    samples = load_samples(cfg)
+    run = train(cfg, tmp_path / "run", ["C3"], samples=samples)
+    before = predict_sample(load_run(run), samples[1])
+    assert "ERBB2" in list(before.uns["cmrcnet"]["markers"])
+    src.rename(tmp_path / "elsewhere")
+    after = predict_sample(load_run(run), _read_moved(tmp_path / "elsewhere", "C3"))
+    assert list(after.uns["cmrcnet"]["markers"]) == list(before.uns["cmrcnet"]["markers"])
+    np.testing.assert_array_equal(after.layers["predicted"], before.layers["predicted"])

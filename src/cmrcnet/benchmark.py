@@ -6,17 +6,24 @@ Layout of a benchmark directory::
     DIR/splits/fold{k}.json                    the folds (train/test sample ids)
     DIR/runs/{name}/seed{s}/fold{k}/           one run directory per job (see cmrcnet.training.fit)
     DIR/runs/{name}/seed{s}/fold{k}/pred.h5ad  prediction of the held-out sample(s) (k = config top_k)
-    DIR/runs/{name}/seed{s}/fold{k}/pred_k250.h5ad, pred_k500.h5ad   retrieval methods only
+    DIR/runs/{name}/seed{s}/fold{k}/pred_k250.h5ad, pred_k500.h5ad   methods whose predictor
+                                               takes a k (retrieval), for Table 2
+    DIR/logs/fold{k}.log                       output of each fold process (``jobs > 1``)
     DIR/report/                                tables and figures (``cmrcnet report DIR``)
 
-``name`` is the method, or ``cmrcnet-{variant}`` for ablation variants. A job is complete
-when its run has ``done.json`` and all its prediction files exist; ``resume`` skips those,
-so a killed benchmark loses at most the job in flight. A finished job's Lightning checkpoints
-are deleted (``model.pt`` stays) unless ``keep_checkpoints`` is set.
+``name`` is the method, or ``cmrcnet-{variant}`` for ablation variants; a variant's overrides
+are recorded with its run and in its predictions (``uns["cmrcnet"]["variant_overrides"]``).
+A job is complete when its run has ``done.json`` and all its prediction files exist;
+``resume`` skips those, so a killed benchmark loses at most the job in flight. A finished
+job's Lightning checkpoints are deleted (``model.pt`` stays) unless ``keep_checkpoints`` is set.
+
+With ``jobs > 1`` folds run as separate processes (``python -m cmrcnet.benchmark DIR --fold K``),
+each reading the settings from ``DIR/benchmark.yaml``: nothing is passed on a command line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -31,12 +38,15 @@ import yaml
 
 from cmrcnet.config import RunConfig, make_config
 from cmrcnet.data.sample import Sample
-from cmrcnet.errors import ConfigError
+from cmrcnet.errors import ConfigError, InputError
+from cmrcnet.evaluation.gene_sets import TABLE2_TOP_K
 from cmrcnet.utils import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-EXTRA_TOP_K = (250, 500)
+#: The extra k of retrieval predictions: those Table 2 scores (:data:`TABLE2_TOP_K`).
+EXTRA_TOP_K: tuple[int, ...] = tuple(sorted(set(TABLE2_TOP_K.values())))
+SPEC_FILE = "benchmark.yaml"
 
 #: Table 5 of the paper: (variant name, model overrides).
 ABLATION_VARIANTS: list[tuple[str, dict[str, Any]]] = [
@@ -66,6 +76,11 @@ class Job:
     def run_dir(self, root: Path) -> Path:
         return root / "runs" / self.name / f"seed{self.seed}" / f"fold{self.fold}"
 
+    def describe(self, split: str) -> dict[str, Any]:
+        """What the job's run records about itself (run.json, every prediction's uns)."""
+        return {"name": self.name, "fold": self.fold, "split": split, "variant": self.variant,
+                "variant_overrides": dict(self.overrides)}
+
 
 @dataclass
 class BenchmarkSpec:
@@ -80,6 +95,19 @@ class BenchmarkSpec:
     overrides: dict[str, str] = field(default_factory=dict)
     extra_top_k: list[int] = field(default_factory=lambda: list(EXTRA_TOP_K))
     keep_checkpoints: bool = False
+
+    def save(self, path: Path, n_jobs: int) -> None:
+        write_text_atomic(path, yaml.safe_dump({**dataclasses.asdict(self), "n_jobs": n_jobs}, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BenchmarkSpec":
+        """The settings a benchmark directory was started with (its ``benchmark.yaml``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"not a benchmark directory ({SPEC_FILE} missing)", path.parent)
+        raw = yaml.safe_load(path.read_text()) or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 def job_config(spec: BenchmarkSpec, job: Job) -> RunConfig:
@@ -110,39 +138,34 @@ def plan_jobs(spec: BenchmarkSpec, samples: list[Sample]) -> tuple[list, list[Jo
     return folds, jobs
 
 
-def pred_paths(job_dir: Path, kind: str, extra_top_k: list[int]) -> list[tuple[Path, int | None]]:
-    paths: list[tuple[Path, int | None]] = [(job_dir / "pred.h5ad", None)]
-    if kind == "retrieval":
-        paths += [(job_dir / f"pred_k{k}.h5ad", k) for k in extra_top_k]
-    return paths
-
-
 def job_complete(job_dir: Path) -> bool:
     marker = job_dir / "predictions.done"
     return marker.is_file() and (job_dir / "done.json").is_file()
 
 
 def run_job(spec: BenchmarkSpec, job: Job, samples: list[Sample], root: Path, resume: bool) -> Path:
-    from cmrcnet.models import get_method
     from cmrcnet.training import load_run, predict_sample, train, write_h5ad_atomic
 
     job_dir = job.run_dir(root)
     if resume and job_complete(job_dir):
         return job_dir
     cfg = job_config(spec, job)
-    train(cfg, job_dir, job.test_ids, train_ids=job.train_ids, samples=samples, resume=resume)
+    train(cfg, job_dir, job.test_ids, train_ids=job.train_ids, samples=samples, resume=resume,
+          describe=job.describe(spec.split))
     run = load_run(job_dir)
-    kind = get_method(job.method).model_cls.kind
+    predictors = {"pred": run.predictor}
+    for k in spec.extra_top_k:
+        p = run.predictor.with_top_k(k)
+        if p is not None:
+            predictors[f"pred_k{k}"] = p
     by_id = {s.sample_id: s for s in samples}
     for test_id in job.test_ids:
         suffix = "" if len(job.test_ids) == 1 else f"_{test_id}"
-        for path, k in pred_paths(job_dir, kind, spec.extra_top_k):
-            path = path.with_name(path.stem + suffix + ".h5ad")
+        for stem, predictor in predictors.items():
+            path = job_dir / f"{stem}{suffix}.h5ad"
             if resume and path.is_file():
                 continue
-            extra = {"fold": job.fold, "variant": job.variant, "name": job.name, "split": spec.split}
-            pred = predict_sample(run, by_id[test_id], top_k=k, extra=extra)
-            write_h5ad_atomic(pred, path)
+            write_h5ad_atomic(predict_sample(run, by_id[test_id], predictor), path)
     write_text_atomic(job_dir / "predictions.done", "ok\n")
     if not spec.keep_checkpoints:
         drop_checkpoints(job_dir)
@@ -160,7 +183,7 @@ def write_benchmark_meta(spec: BenchmarkSpec, root: Path, folds: list, jobs: lis
     from cmrcnet.data.splits import save_split
 
     root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(root / "benchmark.yaml", yaml.safe_dump({**spec.__dict__, "n_jobs": len(jobs)}, sort_keys=False))
+    spec.save(root / SPEC_FILE, len(jobs))
     for f in folds:
         save_split(root / "splits" / f"fold{f.index}.json", f)
 
@@ -168,54 +191,65 @@ def write_benchmark_meta(spec: BenchmarkSpec, root: Path, folds: list, jobs: lis
 def run_benchmark(
     spec: BenchmarkSpec,
     out: str | Path,
+    *,
     resume: bool = False,
-    only_fold: int | None = None,
-    jobs_parallel: int = 1,
+    fold: int | None = None,
+    jobs: int = 1,
     on_job: Callable[[Job, str, float], None] | None = None,
-    argv_for_fold: Callable[[int], list[str]] | None = None,
 ) -> list[Path]:
-    """Run (or resume) all jobs; with ``jobs_parallel > 1`` folds run as separate processes."""
+    """Run (or resume) all jobs, or those of one ``fold``; returns the job directories.
+
+    With ``jobs > 1`` folds run as that many parallel processes (threads split between them),
+    each started from the saved ``benchmark.yaml``, so library callers get the same
+    parallelism as ``cmrcnet benchmark --jobs``; their output goes to ``DIR/logs/fold{k}.log``.
+    """
     from cmrcnet.training import load_samples
 
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     root = Path(out)
     base = make_config(spec.methods[0] if spec.methods else "cmrcnet", spec.preset, {"data.path": spec.data, **({"data.dataset": spec.dataset} if spec.dataset else {})})
     samples = load_samples(base)
-    folds, jobs = plan_jobs(spec, samples)
-    if only_fold is not None:
-        if only_fold not in {f.index for f in folds}:
-            raise ConfigError(f"--fold {only_fold} out of range (0..{len(folds) - 1})")
-        jobs = [j for j in jobs if j.fold == only_fold]
-    write_benchmark_meta(spec, root, folds, jobs)
-    if jobs_parallel > 1 and only_fold is None and argv_for_fold is not None:
-        return _run_fold_processes(folds, jobs_parallel, argv_for_fold, root)
+    folds, all_jobs = plan_jobs(spec, samples)
+    selected = all_jobs
+    if fold is not None:
+        if fold not in {f.index for f in folds}:
+            raise ConfigError(f"--fold {fold} out of range (0..{len(folds) - 1})")
+        selected = [j for j in all_jobs if j.fold == fold]
+    write_benchmark_meta(spec, root, folds, all_jobs)
+    if jobs > 1 and fold is None:
+        return _run_fold_processes([f.index for f in folds], jobs, root)
     done: list[Path] = []
-    for job in jobs:
+    for job in selected:
         t0 = time.perf_counter()
         status = "skipped" if resume and job_complete(job.run_dir(root)) else "ran"
         done.append(run_job(spec, job, samples, root, resume))
         if on_job is not None:
             on_job(job, status, time.perf_counter() - t0)
-    write_json_atomic(root / "benchmark_done.json", {"jobs": len(done), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if fold is None:
+        write_json_atomic(root / "benchmark_done.json", {"jobs": len(done), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return done
 
 
-def _run_fold_processes(folds: list, n_parallel: int, argv_for_fold: Callable[[int], list[str]], root: Path) -> list[Path]:
-    """One subprocess per fold, at most ``n_parallel`` at a time, threads split between them."""
+def _run_fold_processes(fold_ids: list[int], n_parallel: int, root: Path) -> list[Path]:
+    """One process per fold (``python -m cmrcnet.benchmark ROOT --fold K``), at most ``n_parallel``
+    at a time, threads split between them; every process reads ``ROOT/benchmark.yaml``."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
     # Idle OpenMP threads spin by default; with several processes on few cores they steal the
     # cores from each other's compute: 2 fold processes on 2 cores ran 4-10x slower than one
     # alone (docs/PERFORMANCE.md). Sleeping waits remove that.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    pending = [f.index for f in folds]
+    pending = list(fold_ids)
     running: list[tuple[int, subprocess.Popen]] = []
     failed: list[int] = []
     (root / "logs").mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and len(running) < n_parallel:
             k = pending.pop(0)
-            logf = open(root / "logs" / f"fold{k}.log", "ab")
-            running.append((k, subprocess.Popen([sys.executable, "-m", "cmrcnet", *argv_for_fold(k)], stdout=logf, stderr=subprocess.STDOUT, env=env)))
+            with open(root / "logs" / f"fold{k}.log", "ab") as logf:
+                cmd = [sys.executable, "-m", "cmrcnet.benchmark", str(root), "--fold", str(k)]
+                running.append((k, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)))
         time.sleep(0.5)
         for k, p in list(running):
             if p.poll() is not None:
@@ -224,4 +258,33 @@ def _run_fold_processes(folds: list, n_parallel: int, argv_for_fold: Callable[[i
                     failed.append(k)
     if failed:
         raise ConfigError(f"fold(s) {failed} failed; see {root / 'logs'}")
+    write_json_atomic(root / "benchmark_done.json", {"folds": len(fold_ids), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return sorted(root.glob("runs/*/seed*/fold*"))
+
+
+def _fold_process_main(argv: list[str]) -> int:
+    """Entry point of one fold process: the settings come from the benchmark directory."""
+    import argparse
+
+    from cmrcnet.errors import CmrcnetError
+
+    ap = argparse.ArgumentParser(prog="python -m cmrcnet.benchmark", description="Run one fold of a benchmark directory.")
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--fold", type=int, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    def on_job(job: Job, status: str, dt: float) -> None:
+        print(f"{status} {job.name} seed={job.seed} fold={job.fold} (test {','.join(job.test_ids)}) {dt:.1f} s", flush=True)
+
+    try:
+        spec = BenchmarkSpec.load(args.root / SPEC_FILE)
+        run_benchmark(spec, args.root, resume=True, fold=args.fold, on_job=on_job)
+    except CmrcnetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_fold_process_main(sys.argv[1:]))

@@ -29,26 +29,22 @@ from cmrcnet.evaluation.metrics import (
 from cmrcnet.evaluation.summary import natural_key
 from cmrcnet.utils import atomic_path
 
-#: The paper's colours (Fig. 2): CMRCNet green, BLEEP orange, HisToGene blue, ST-Net pink.
-METHOD_COLOURS: dict[str, str] = {
-    "cmrcnet": "#2ca02c",
-    "bleep": "#ff7f0e",
-    "histogene": "#1f77b4",
-    "stnet": "#e377c2",
-    "ridge": "#7f7f7f",
-}
 _EXTRA = ["#9467bd", "#8c564b", "#17becf", "#bcbd22", "#d62728", "#393b79", "#637939"]
 REF_COLOUR, PRED_COLOUR = "#1f77b4", "#ffb000"  # Fig. 3: reference blue, prediction yellow
 DPI = 110
 
 
 def method_colour(label: str, order: Sequence[str] = ()) -> str:
-    """Stable colour of a method label (``cmrcnet-50`` -> CMRCNet's green)."""
+    """Stable colour of a method label (``cmrcnet-50`` -> CMRCNet's green): the registered
+    method's colour (:func:`cmrcnet.models.register_method`), else one from a fallback palette."""
+    from cmrcnet.models import method_colours
+
+    known = sorted(method_colours().items(), key=lambda kv: -len(kv[0]))  # longest name first
     key = str(label).lower().replace("-", "").replace("_", "")
-    for name, colour in METHOD_COLOURS.items():
+    for name, colour in known:
         if key.startswith(name):
             return colour
-    others = [o for o in order if not any(str(o).lower().replace("-", "").startswith(n) for n in METHOD_COLOURS)]
+    others = [o for o in order if not any(str(o).lower().replace("-", "").startswith(n) for n, _ in known)]
     i = others.index(label) if label in others else sum(map(ord, str(label)))
     return _EXTRA[i % len(_EXTRA)]
 

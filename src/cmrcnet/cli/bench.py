@@ -9,13 +9,15 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from cmrcnet.models import available_methods
+
 console = Console()
 
 
 def benchmark_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     out: Path = typer.Option(..., "--out", help="Benchmark directory."),
-    methods: str = typer.Option("cmrcnet,bleep,stnet,histogene,ridge", "--methods"),
+    methods: str = typer.Option(",".join(available_methods()), "--methods", help="Comma-separated methods to compare."),
     split: str = typer.Option("loo-sample", "--split", help="loo-sample or loo-patient."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     preset: str = typer.Option("cpu", "--preset"),
@@ -58,21 +60,7 @@ def benchmark_cmd(
     def on_job(job, status, dt):
         console.print(f"[{'dim' if status == 'skipped' else 'green'}]{status}[/] {job.name} seed={job.seed} fold={job.fold} (test {','.join(job.test_ids)}) {dt:.1f} s")
 
-    def argv_for_fold(k: int) -> list[str]:
-        argv = ["benchmark", "--data", str(data), "--out", str(out), "--methods", methods, "--split", split, "--seeds", seeds, "--preset", preset, "--fold", str(k), "--resume", "--no-report"]
-        if dataset:
-            argv += ["--dataset", dataset]
-        if transductive_genes:
-            argv.append("--transductive-genes")
-        if ablation:
-            argv.append("--ablation")
-        if keep_checkpoints:
-            argv.append("--keep-checkpoints")
-        for o in overrides or []:
-            argv += ["--set", o]
-        return argv
-
-    run_benchmark(spec, out, resume=resume, only_fold=fold, jobs_parallel=jobs, on_job=on_job, argv_for_fold=argv_for_fold)
+    run_benchmark(spec, out, resume=resume, fold=fold, jobs=jobs, on_job=on_job)
     console.print(f"benchmark finished in {(time.perf_counter() - t0) / 60:.1f} min -> {out}")
     if report and fold is None:
         from cmrcnet.report import build_report

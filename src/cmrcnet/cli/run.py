@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cmrcnet.errors import InputError
+from cmrcnet.models import available_methods
 
 console = Console()
 
@@ -56,7 +57,7 @@ def train_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset folder (her2st, legacy ST, Visium, HEST-1k)."),
     test: str = typer.Option(..., "--test", help="Held-out sample id(s), comma-separated."),
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
-    method: str = typer.Option("cmrcnet", "--method", help="cmrcnet, bleep, stnet, histogene, ridge."),
+    method: str = typer.Option("cmrcnet", "--method", help=f"One of: {', '.join(available_methods())}."),
     preset: str = typer.Option("cpu", "--preset", help="cpu (2-core machine), paper, tiny (tests)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config to start from."),
@@ -105,18 +106,14 @@ def predict_cmd(
     """Predict expression for every spot of a sample (or a grid over a slide)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cmrcnet.config import apply_overrides, parse_overrides
+    from cmrcnet.config import parse_overrides
     from cmrcnet.training import load_run, predict_sample, predict_streaming, write_h5ad_atomic
 
     _setup_logging(verbose)
     if (sample is None) == (image is None):
         raise InputError("give exactly one of --sample (a dataset folder) or --image (a slide)")
-    trained = load_run(run)
-    ov = parse_overrides(overrides)
-    bad = [k for k in ov if not k.startswith("retrieval.")]
-    if bad:
-        raise InputError(f"predict can only override retrieval.* settings, not {', '.join(bad)}")
-    apply_overrides(trained.cfg, ov)
+    trained = load_run(run, overrides=parse_overrides(overrides))
+    predictor = trained.predictor_for(top_k)
     t0 = time.perf_counter()
     if image is not None:
         from cmrcnet.tiling import grid_sample
@@ -127,10 +124,10 @@ def predict_cmd(
         with Progress(TextColumn("predicting"), BarColumn(), TextColumn("{task.completed}/{task.total} spots"), TimeElapsedColumn(), console=console) as prog:
             task = prog.add_task("predict", total=smp.n_spots)
             # written to `out` block by block: memory does not grow with the slide
-            pred = predict_streaming(trained, smp, top_k, progress=lambda n: prog.advance(task, n), out=out)
+            pred = predict_streaming(trained, smp, predictor, progress=lambda n: prog.advance(task, n), out=out)
     else:
         smp = _read_one_sample(sample, sample_id)
-        pred = predict_sample(trained, smp, top_k)
+        pred = predict_sample(trained, smp, predictor)
         write_h5ad_atomic(pred, out)
     dt = time.perf_counter() - t0
     console.print(f"[green]predicted[/] {pred.n_obs} spots x {pred.n_vars} genes in {dt:.1f} s -> {out}")
@@ -199,7 +196,7 @@ def demo_cmd(
     held = next(s for s in samples if s.sample_id == test)
     pred = predict_sample(trained, held)
     write_h5ad_atomic(pred, out / "pred.h5ad")
-    genes_df, summary = evaluate_prediction(pred, trained.cfg.genes.markers or pred.uns["cmrcnet"].get("markers"))
+    genes_df, summary = evaluate_prediction(pred, trained.markers)
     from cmrcnet.utils import atomic_path
 
     with atomic_path(out / "per_gene.csv") as tmp:

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cmrcnet.config import GeneConfig
+from cmrcnet.data.readers._common import strip_gene_version
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import ConfigError, InputError
 from cmrcnet.utils import torch_threads_kept
@@ -214,10 +215,6 @@ def expression_matrix(sample: Sample, genes: list[str], target_sum: float | None
 
 
 # -- names -------------------------------------------------------------------------------
-def _strip_version(gene_id: str) -> str:
-    return gene_id.split(".", 1)[0] if gene_id.startswith("ENS") else gene_id
-
-
 def _symbol_map(samples: list[Sample]) -> dict[str, str]:
     """Ensembl id (unversioned) -> symbol, learnt from every sample that has both."""
     mapping: dict[str, str] = {}
@@ -227,12 +224,12 @@ def _symbol_map(samples: list[Sample]) -> dict[str, str]:
         if "gene_ids" in var.columns:
             for name, gid in zip(names, var["gene_ids"].astype(str)):
                 if not _ENSEMBL.match(name) and _ENSEMBL.match(gid):
-                    mapping.setdefault(_strip_version(gid), name)
+                    mapping.setdefault(strip_gene_version(gid), name)
         for col in _SYMBOL_COLUMNS:
             if col in var.columns:
                 for name, sym in zip(names, var[col].astype(str)):
                     if _ENSEMBL.match(name) and sym and sym != "nan" and not _ENSEMBL.match(sym):
-                        mapping.setdefault(_strip_version(name), sym)
+                        mapping.setdefault(strip_gene_version(name), sym)
     return mapping
 
 
@@ -253,7 +250,7 @@ def harmonise_gene_names(samples: list[Sample]) -> None:
         if any(ids):
             if "gene_ids" not in s.adata.var.columns:
                 s.adata.var["gene_ids"] = names
-            new = [mapping.get(_strip_version(n), n) if is_id else n for n, is_id in zip(names, ids)]
+            new = [mapping.get(strip_gene_version(n), n) if is_id else n for n, is_id in zip(names, ids)]
             n_mapped = sum(a != b for a, b in zip(names, new))
             log.info("sample %s: %d Ensembl ids mapped to symbols", s.sample_id, n_mapped)
             s.adata.var_names = pd.Index(new)

@@ -313,27 +313,24 @@ def _strip_ext(name: str) -> str:
 
 
 def _ids_in_folder(path: Path, fmt: str) -> set[str]:
-    """Sample ids present in ``path`` in the layout of ``fmt`` (plain globbing, no readers)."""
-    if fmt == "hest":
-        return {p.name[: -len(".h5ad")] for p in (path / "st").glob("*.h5ad")}
-    if fmt == "her2st":
-        cnts = path / "ST-cnts"
-        return {_strip_ext(p.name) for p in list(cnts.glob("*.tsv.gz")) + list(cnts.glob("*.tsv"))}
-    if fmt == "legacy-st":
-        stems = {_strip_ext(p.name) for p in list(path.glob("*.tsv")) + list(path.glob("*.tsv.gz"))}
-        return {
-            s
-            for s in stems
-            if not s.startswith(("alignment_table_", "spots_")) and "gene" not in s.lower()
-        }
-    return set()
+    """Sample ids present in ``path`` in the layout of ``fmt``, as that format's reader lists them
+    (file names only; a reader registered with :func:`cmrcnet.data.readers.register_reader` counts)."""
+    from cmrcnet.data.readers import READERS
+
+    spec = READERS.get(fmt)
+    if spec is None or not spec.detect(path):
+        return set()
+    try:
+        return set(spec.list_ids(path))
+    except InputError:
+        return set()
 
 
 def find_manifest_for_path(path: str | Path) -> Manifest | None:
     """The packaged manifest whose samples a data folder holds, or None.
 
-    Per manifest, the sample ids present are listed by globbing that manifest's
-    layout (HEST ``st/{id}.h5ad``; her2st ``ST-cnts/{id}.tsv.gz``; legacy ST
+    Per manifest, the sample ids present are listed by the reader of that manifest's
+    format (HEST ``st/{id}.h5ad``; her2st ``ST-cnts/{id}.tsv.gz``; legacy ST
     ``{id}.tsv`` at top level). A manifest matches when the ids present are a
     non-empty subset of its ids (a partial copy); failing that, when all of its
     ids are present (a larger collection, e.g. all of her2st). Only a single,

@@ -25,17 +25,17 @@ import numpy as np
 import pandas as pd
 
 from cmrcnet.errors import InputError
-from cmrcnet.evaluation.gene_sets import DEFAULT_KS
+from cmrcnet.evaluation.gene_sets import DEFAULT_KS, TABLE2_TOP_K
 from cmrcnet.evaluation.metrics import SUMMARY_COLUMNS, evaluate_prediction
 
 #: Columns that identify one run (one prediction file).
 RUN_KEYS = ["dataset", "method", "variant", "top_k", "label", "seed", "fold", "sample_id"]
+#: What an ablation variant changed (JSON of its overrides, ``model.`` dropped), beside RUN_KEYS.
+SETTINGS = "variant_settings"
 #: Table 2: evaluation set -> number of retrieved neighbours used for retrieval methods (paper).
-TABLE2_SETS: dict[str, int] = {"HEG150": 250, "HVG150": 250, "HEG250": 500, "HVG250": 500}
+TABLE2_SETS: dict[str, int] = {f"{kind}{n}": k for n, k in TABLE2_TOP_K.items() for kind in ("HEG", "HVG")}
 #: Metrics where lower is better (bolding in tables).
 LOWER_IS_BETTER = {"mean_mse"}
-_LOSSES = {"mse", "cosine", "cos", "l1", "l2", "smoothl1"}
-_TARGETS = {"image", "expression", "gene", "genes", "spatial", "st"}
 
 
 # --------------------------------------------------------------------------- metadata
@@ -108,6 +108,8 @@ def run_metadata(adata: Any, path: str | Path | None = None) -> dict[str, Any]:
         sample_id = str(next(iter(spatial), "")) or f"fold{fold}"
     variant = _text(meta.get("variant")).strip()
     top_k = _opt_int(meta.get("top_k"))
+    overrides = meta.get("variant_overrides") or {}
+    settings = {str(k).removeprefix("model."): _jsonable(v) for k, v in dict(overrides).items()} if variant else {}
     return {
         "dataset": _text(meta.get("dataset")).strip(),
         "method": method,
@@ -118,6 +120,7 @@ def run_metadata(adata: Any, path: str | Path | None = None) -> dict[str, Any]:
         "fold": fold,
         "sample_id": sample_id,
         "gene_selection": _text(meta.get("gene_selection")),
+        SETTINGS: json.dumps(settings, sort_keys=True) if settings else "",
     }
 
 
@@ -211,10 +214,10 @@ def scan(bench_dir: str | Path, ks: Sequence[int] = DEFAULT_KS, strict: bool = F
             continue
         keyset[key] = str(path)
         infos.append(info)
-        ident = {k: info[k] for k in RUN_KEYS}
+        ident = {k: info[k] for k in RUN_KEYS + [SETTINGS]}
         gene_parts.append(genes.assign(**ident))
         summ_parts.append(summ.assign(**ident))
-    run_cols = RUN_KEYS + ["path", "gene_selection", "n_spots", "n_genes", "unmeasured_genes", "n_constant",
+    run_cols = RUN_KEYS + [SETTINGS, "path", "gene_selection", "n_spots", "n_genes", "unmeasured_genes", "n_constant",
                            "n_pred_constant", "n_markers", "missing_markers", "has_uncertainty"]
     runs = pd.DataFrame(infos, columns=run_cols)
     summary = _front(pd.concat(summ_parts, ignore_index=True) if summ_parts
@@ -382,27 +385,12 @@ def table2(df: pd.DataFrame, sets_k: Mapping[str, int] | None = None,
     return table
 
 
-def parse_variant(variant: str) -> dict[str, str]:
-    """Split an ablation name like ``mse-mask0.5-image`` (any token order) into mask_rate, loss, target.
-
-    Unrecognised names (``contrastive-only``) give empty fields.
-    """
-    out = {"mask_rate": "", "loss": "", "target": ""}
-    for tok in str(variant).lower().split("-"):
-        if re.fullmatch(r"mask[0-9.]+", tok):
-            out["mask_rate"] = tok[4:]
-        elif tok in _LOSSES:
-            out["loss"] = tok
-        elif tok in _TARGETS:
-            out["target"] = tok
-    return out
-
-
 def ablation_table(df: pd.DataFrame, sets: Sequence[str] = ("HEG50", "HVG50", "markers"),
                    metric: str = "mean_pcc") -> pd.DataFrame:
     """Table 5 analogue: one row per ablation ``variant`` (at its smallest top_k, the paper's 50).
 
-    Variant names such as ``mse-mask0.5-image`` are split into columns (:func:`parse_variant`).
+    One column per setting a variant overrides (``recon_loss``, ``mask_ratio``, ...), read from
+    the predictions' ``uns["cmrcnet"]["variant_overrides"]``; blank where a variant keeps the default.
     """
     sub = df[df["variant"].fillna("") != ""].copy()
     if sub.empty:
@@ -412,15 +400,22 @@ def ablation_table(df: pd.DataFrame, sets: Sequence[str] = ("HEG50", "HVG50", "m
     sub = sub[sub["set"].isin(sets)]
     table = _wide(aggregate(sub, metric, row="base"), sets, "base", metric)
     table.index = table.index.rename("variant" if table.index.nlevels == 1 else ["dataset", "variant"])
-    for col in ("mask_rate", "loss", "target"):
+    settings = {base: _settings(sub.loc[sub["base"] == base]) for base in sub["base"].unique()}
+    columns = list(dict.fromkeys(k for d in settings.values() for k in d))
+    for col in columns:
         table[col] = ""
     for ix in table.index:
         base = ix[-1] if isinstance(ix, tuple) else ix
-        variant = next(iter(sub.loc[sub["base"] == base, "variant"]), "")
-        for col, val in parse_variant(variant).items():
-            table.loc[ix, col] = val
-    table.attrs["display"] = ["mask_rate", "loss", "target"] + _with_fold_sd(sets) + ["seeds", "samples"]
+        for col, val in settings.get(base, {}).items():
+            table.loc[ix, col] = str(val)
+    table.attrs["display"] = columns + _with_fold_sd(sets) + ["seeds", "samples"]
     return table
+
+
+def _settings(rows: pd.DataFrame) -> dict[str, Any]:
+    """The overrides of one variant's runs (the first run's; they are the same by construction)."""
+    raw = next((v for v in rows.get(SETTINGS, pd.Series(dtype=object)) if isinstance(v, str) and v), "")
+    return json.loads(raw) if raw else {}
 
 
 def top_genes(df_genes: pd.DataFrame, n: int = 5, min_frac: float = 1.0, wide: bool = True) -> pd.DataFrame:

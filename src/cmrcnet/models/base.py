@@ -1,65 +1,95 @@
 """The interface every method implements, and the method registry.
 
-All methods consume the same batches and are trained by the same trainer
-(:mod:`cmrcnet.training`); they differ only in their model file. A batch is a dict:
+All methods consume the same batches (:mod:`cmrcnet.data.batches`) and are trained by
+the same trainer (:mod:`cmrcnet.training`); they differ only in their model file. A batch
+is a dict:
 
 - ``img``: float32 ``(B, 3, H, W)``, normalised with ImageNet mean/std;
 - ``expr``: float32 ``(B, G)``, log1p-normalised expression of the run's genes;
 - ``pos``: int64 ``(B, 2)``, the spot's array (row, col) position (or a grid index);
 - ``index``: int64 ``(B,)``, the spot's row in its sample.
 
-With ``batching = "slide"`` (HisToGene) one batch holds all spots of one slide.
+A method changes behaviour by overriding a method here, never by a flag that code
+downstream tests (Lightning's shape):
 
-Kinds of method:
-
-- ``retrieval``: implements :meth:`ExpressionModel.embed_images` and
-  :meth:`ExpressionModel.embed_genes`; prediction is top-k retrieval from a bank
-  of training-spot gene embeddings (:mod:`cmrcnet.retrieval`).
-- ``regression``: implements :meth:`ExpressionModel.predict_expression`.
-
-``trainable = False`` methods (ridge) are fitted in closed form by
-:meth:`ExpressionModel.fit_closed_form` instead of by gradient descent.
+- how it is fitted: :meth:`ExpressionModel.fit` (default: the shared gradient trainer;
+  ridge fits in closed form);
+- how spots are batched: :meth:`~ExpressionModel.loader`,
+  :meth:`~ExpressionModel.prediction_batches` and
+  :meth:`~ExpressionModel.validation_fraction` (HisToGene sees whole slides);
+- how it predicts: :meth:`~ExpressionModel.make_predictor` /
+  :meth:`~ExpressionModel.load_predictor` return a
+  :class:`~cmrcnet.models.predictors.Predictor` (regression by default; BLEEP and CMRCNet
+  retrieve from a bank of training-spot gene embeddings).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from cmrcnet.data.batches import SpotTable, spot_loader
 from cmrcnet.errors import ConfigError
+from cmrcnet.models.predictors import Predictor, RegressionPredictor
+
+if TYPE_CHECKING:
+    from cmrcnet.config import RunConfig
+    from cmrcnet.training.fit import FoldData
 
 Batch = dict[str, torch.Tensor]
 
 
 class ExpressionModel(nn.Module):
-    """Base class of all methods (see module docstring for the batch contract)."""
+    """Base class of all methods (see the module docstring for the batch contract)."""
 
-    kind: ClassVar[str] = "regression"
-    batching: ClassVar[str] = "spot"
-    trainable: ClassVar[bool] = True
-
+    # -- the maths -------------------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Return a dict of scalar tensors; ``loss`` is optimised, the rest are logged."""
         raise NotImplementedError
 
-    def embed_images(self, img: torch.Tensor) -> torch.Tensor:  # retrieval methods
-        raise NotImplementedError
-
-    def embed_genes(self, expr: torch.Tensor) -> torch.Tensor:  # retrieval methods
-        raise NotImplementedError
-
-    def predict_expression(self, batch: Batch) -> torch.Tensor:  # regression methods
-        raise NotImplementedError
-
-    def fit_closed_form(self, batches: Iterable[Batch]) -> None:  # trainable = False
+    def predict_expression(self, batch: Batch) -> torch.Tensor:
+        """Expression ``(B, G)`` of a batch (what :class:`RegressionPredictor` calls)."""
         raise NotImplementedError
 
     def on_train_start(self, train_expr: torch.Tensor) -> None:
         """Hook called once with the training expression matrix (e.g. STNet's bias init)."""
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def fit(self, fold: FoldData, *, batch_size: int, seed: int, by_gradient: Callable[[], dict]) -> dict:
+        """Fit on ``fold``; returns facts for ``done.json``. Default: the shared gradient trainer."""
+        return by_gradient()
+
+    # -- grouping spots into batches----------------------------------------------------------------------------
+    @classmethod
+    def validation_fraction(cls, requested: float) -> float:
+        """Fraction of training spots held out for validation (``split.val_fraction`` by default)."""
+        return requested
+
+    def loader(self, table: SpotTable, *, batch_size: int, train: bool = False, augment: bool = False,
+               seed: int = 0, num_workers: int = 0) -> DataLoader:
+        """Training (``train=True``: shuffled, last partial batch dropped) or validation batches."""
+        drop_last = train and len(table) > batch_size
+        return spot_loader(table, batch_size, shuffle=train, augment=augment, seed=seed,
+                           drop_last=drop_last, num_workers=num_workers)
+
+    def prediction_batches(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+        """Regroup spot batches of one sample (in row order) into the batches this model predicts."""
+        return batches
+
+    # -- prediction ------------------------------------------------------------------------------
+    def make_predictor(self, fold: FoldData, cfg: RunConfig) -> Predictor:
+        """The predictor of this freshly trained model (it saves its own artifacts)."""
+        return RegressionPredictor(self)
+
+    def load_predictor(self, run_dir: Path, cfg: RunConfig) -> Predictor:
+        """The predictor of a trained run directory (artifacts written by :meth:`Predictor.save`)."""
+        return RegressionPredictor(self)
 
 
 @dataclass
@@ -69,6 +99,8 @@ class MethodSpec:
     Config: type
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     description: str = ""
+    colour: str = ""
+    """Plot colour of the method (figures and report); empty = one from a fallback palette."""
 
     def validate_model_config(self, model_cfg: dict[str, Any]) -> Any:
         valid = {f.name for f in dataclasses.fields(self.Config)}
@@ -96,16 +128,18 @@ def register_method(
     config: type,
     presets: dict[str, dict[str, Any]] | None = None,
     description: str = "",
+    colour: str = "",
 ) -> Callable[[type[ExpressionModel]], type[ExpressionModel]]:
     """Class decorator: make a model available as ``--method name``.
 
     The model class is constructed as ``cls(config_instance, n_genes)``.
     ``presets`` maps a preset name (``cpu``, ``paper``, ``tiny``) to dotted overrides
-    such as ``{"model.depth": 4, "train.epochs": 10}``.
+    such as ``{"model.depth": 4, "train.epochs": 10}``. ``colour`` is the method's colour
+    in figures; the CLI's method lists, the plots and the report all read this registry.
     """
 
     def deco(cls: type[ExpressionModel]) -> type[ExpressionModel]:
-        _REGISTRY[name] = MethodSpec(name, cls, config, dict(presets or {}), description)
+        _REGISTRY[name] = MethodSpec(name, cls, config, dict(presets or {}), description, colour)
         return cls
 
     return deco
@@ -119,3 +153,8 @@ def get_method(name: str) -> MethodSpec:
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def method_colours() -> dict[str, str]:
+    """``{method: colour}`` of the registered methods that name a colour."""
+    return {name: spec.colour for name, spec in sorted(_REGISTRY.items()) if spec.colour}

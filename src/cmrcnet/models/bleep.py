@@ -43,6 +43,7 @@ BLEEP_PRESETS: dict[str, dict[str, Any]] = {
     config=BLEEPConfig,
     presets=BLEEP_PRESETS,
     description="BLEEP: bi-modal contrastive learning (ResNet-50), top-k retrieval",
+    colour="#ff7f0e",  # the paper's Fig. 2
 )
 class BLEEP(CMRCNet):
     """CMRCNet restricted to contrastive learning; see the module docstring."""

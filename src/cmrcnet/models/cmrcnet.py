@@ -15,13 +15,15 @@ Every paper-vs-authors choice is an option of :class:`CMRCNetConfig`; see ``docs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from cmrcnet.errors import ConfigError
 from cmrcnet.models.base import Batch, ExpressionModel, register_method
+from cmrcnet.models.predictors import RetrievalPredictor
 from cmrcnet.models.layers import (
     SNN,
     CrossAttention,
@@ -37,6 +39,10 @@ from cmrcnet.models.losses import (
     gather_embeddings,
     reconstruction_loss,
 )
+
+if TYPE_CHECKING:
+    from cmrcnet.config import RunConfig
+    from cmrcnet.training.fit import FoldData
 
 LOSS_COMBINE = ("log1p", "log1p_per_sample", "sum")
 
@@ -194,11 +200,10 @@ CMRCNET_PRESETS: dict[str, dict[str, Any]] = {
     config=CMRCNetConfig,
     presets=CMRCNET_PRESETS,
     description="CMRCNet: contrastive learning + cross-modal masked reconstruction, top-k retrieval",
+    colour="#2ca02c",  # the paper's Fig. 2
 )
 class CMRCNet(ExpressionModel):
     """Contrastive image/gene encoders; the reconstruction branch only shapes training."""
-
-    kind: ClassVar[str] = "retrieval"
 
     def __init__(self, config: CMRCNetConfig, n_genes: int) -> None:
         super().__init__()
@@ -212,7 +217,7 @@ class CMRCNet(ExpressionModel):
         self.image_projection = ProjectionHead(enc_dim, c.embed_dim, c.proj_dropout)
         self.gene_projection = ProjectionHead(self.n_genes, c.embed_dim, c.proj_dropout)
         if c.reconstruction:
-            self.token_projection = nn.Linear(enc_dim, c.embed_dim)
+            self.token_projection = nn.Linear(self.image_encoder.token_dim, c.embed_dim)
             self.gene_tokenizer = SNN(self.n_genes, c.gene_tokens * c.embed_dim, c.snn_activation, c.snn_dropout)
             self.first_cross = CrossAttention(c.embed_dim, c.cross_heads, c.attn_dropout)
 
@@ -253,6 +258,14 @@ class CMRCNet(ExpressionModel):
 
     def embed_genes(self, expr: torch.Tensor) -> torch.Tensor:
         return self.gene_projection(expr)
+
+    # -- prediction: top-k retrieval from a bank of training-spot gene embeddings ----------------
+    def make_predictor(self, fold: FoldData, cfg: RunConfig) -> RetrievalPredictor:
+        ref = fold.reference
+        return RetrievalPredictor.build(self, ref.expr, fold.genes, ref.spot_ids, cfg.retrieval, cfg.train.precision)
+
+    def load_predictor(self, run_dir: Path, cfg: RunConfig) -> RetrievalPredictor:
+        return RetrievalPredictor.load(self, run_dir, cfg.retrieval, cfg.train.precision)
 
     # -- reconstruction ----------------------------------------------------------------------
     def fusion_layers(self) -> list[FusionBlock]:

@@ -88,4 +88,9 @@ def _match_by_position(state: dict, own: dict) -> dict:
 
 
 def encoder_out_dim(model: nn.Module) -> int:
-    return int(getattr(model, "num_features"))
+    """Width of a ``num_classes=0`` timm model's pooled output (``forward`` / ``forward_head``).
+
+    ``head_hidden_size`` differs from ``num_features`` (the width of ``forward_features``)
+    for models with a conv head (MobileNetV3/V4, MambaOut), whose pooled output is the head's.
+    """
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)

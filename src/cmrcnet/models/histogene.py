@@ -9,11 +9,14 @@ per slide. Deviations are listed in ``docs/methods.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
+from cmrcnet.data.batches import SpotTable, concat_batches, slide_loader
 from cmrcnet.errors import ConfigError
 from cmrcnet.models.base import Batch, ExpressionModel, register_method
 
@@ -132,13 +135,10 @@ class Block(nn.Module):
         },
     },
     description="HisToGene: Transformer over all spots of a slide (flattened patches + position embeddings)",
+    colour="#1f77b4",  # the paper's Fig. 2
 )
 class HisToGene(ExpressionModel):
     """Sequence model: the batch dimension (all spots of one slide) is the sequence."""
-
-    kind = "regression"
-    batching = "slide"
-    trainable = True
 
     def __init__(self, config: HisToGeneConfig, n_genes: int) -> None:
         super().__init__()
@@ -170,6 +170,22 @@ class HisToGene(ExpressionModel):
         x = x + self.row_embed(idx[:, 0]) + self.col_embed(idx[:, 1])
         x = self.blocks(self.emb_dropout(x).unsqueeze(0)).squeeze(0)
         return self.gene_head(x)
+
+    # -- whole slides as batches ---------------------------------------------------------------
+    @classmethod
+    def validation_fraction(cls, requested: float) -> float:
+        """None: a slide is one sequence, and validation spots would cut holes into it."""
+        return 0.0
+
+    def loader(self, table: SpotTable, *, batch_size: int, train: bool = False, augment: bool = False,
+               seed: int = 0, num_workers: int = 0) -> DataLoader:
+        """One batch per slide (the batch dimension is the sequence); ``batch_size`` is unused."""
+        return slide_loader(table, shuffle=train, augment=augment, seed=seed, num_workers=num_workers)
+
+    def prediction_batches(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+        """All spots of the sample in one batch."""
+        whole = concat_batches(batches)
+        return [whole] if whole else []
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         pred = self(batch["img"], batch["pos"]).float()

@@ -251,7 +251,11 @@ class TokenEncoder(nn.Module):
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
         if pool in ("cls", "mean_no_cls") and self.num_prefix_tokens == 0:
             raise ConfigError(f"pool={pool!r} needs a model with a class token; {name!r} has none")
-        self.out_dim = encoder_out_dim(self.model)
+        self.token_dim = int(self.model.num_features)
+        """Width of each token (of ``forward_features``)."""
+        self.out_dim = encoder_out_dim(self.model) if pool == "timm" else self.token_dim
+        """Width of the pooled output (the head's for ``pool="timm"``, e.g. 1024 vs 576 tokens
+        for MobileNetV3-Small)."""
         self.nhwc = str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC"
 
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,21 +16,20 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
 
+from cmrcnet.data.batches import IMAGENET_MEAN, IMAGENET_STD
 from cmrcnet.errors import ConfigError
 from cmrcnet.models.base import Batch, ExpressionModel, register_method
-from cmrcnet.models.encoders import create_encoder
-from cmrcnet.models.stnet import feature_dim
+from cmrcnet.models.encoders import create_encoder, encoder_out_dim
+
+if TYPE_CHECKING:
+    from cmrcnet.training.fit import FoldData
 
 log = logging.getLogger(__name__)
-
-#: ImageNet statistics the batches are normalised with (see models/base.py).
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def efficientnet_lite0_weights() -> str | None:
@@ -99,13 +98,10 @@ def _check(config: RidgeConfig) -> None:
         "tiny": {"model.encoder": "test_resnet", "model.n_components": 16, "train.augment": False},
     },
     description="HEST benchmark: frozen encoder -> StandardScaler -> PCA(256) -> ridge (closed form)",
+    colour="#7f7f7f",
 )
 class RidgeProbe(ExpressionModel):
     """Frozen encoder + linear probe fitted in closed form."""
-
-    kind = "regression"
-    batching = "spot"
-    trainable = False
 
     def __init__(self, config: RidgeConfig, n_genes: int) -> None:
         super().__init__()
@@ -122,7 +118,7 @@ class RidgeProbe(ExpressionModel):
         self.encoder = create_encoder(config.encoder, config.encoder_weights)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
-        n_feat = feature_dim(self.encoder)
+        n_feat = encoder_out_dim(self.encoder)
         k = min(config.n_components, n_feat)
         # Fixed-size buffers (zero-padded past the fitted rank) so that a fresh model
         # loads a fitted state_dict without knowing the training set.
@@ -146,10 +142,16 @@ class RidgeProbe(ExpressionModel):
         dev = next(self.encoder.parameters()).device
         img = img.to(dev, torch.float32)
         if self.config.encoder_norm == "half":
-            mean = img.new_tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
-            std = img.new_tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+            mean = img.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            std = img.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
             img = (img * std + mean - 0.5) / 0.5
         return self.encoder(img).float()
+
+    def fit(self, fold: FoldData, *, batch_size: int, seed: int, by_gradient: Callable[[], dict]) -> dict:
+        """Closed form on every labelled training spot (validation spots too: nothing to early-stop)."""
+        table = fold.reference
+        self.fit_closed_form(self.loader(table, batch_size=max(batch_size, 64), seed=seed))
+        return {"n_train": len(table)}
 
     def fit_closed_form(self, batches: Iterable[Batch]) -> None:
         """Embed all training spots, then fit scaler -> PCA -> ridge (HEST's probe)."""
@@ -216,4 +218,4 @@ class RidgeProbe(ExpressionModel):
         return self.project(self.embed(batch["img"]))
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("ridge is fitted in closed form (trainable = False)")
+        raise NotImplementedError("ridge is fitted in closed form (RidgeProbe.fit)")

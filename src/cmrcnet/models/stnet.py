@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmrcnet.data.batches import dihedral
 from cmrcnet.models.base import Batch, ExpressionModel, register_method
-from cmrcnet.models.encoders import create_encoder
+from cmrcnet.models.encoders import create_encoder, encoder_out_dim
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,6 @@ class STNetConfig:
     """Average predictions over the 8 dihedral transforms of each patch (ST-Net's ``--average``)."""
     zero_init_head: bool = True
     """Start from weight 0 and bias = mean training expression (ST-Net's initialisation)."""
-
-
-def feature_dim(encoder: nn.Module) -> int:
-    """Width of a timm ``num_classes=0`` model's output.
-
-    ``head_hidden_size`` differs from ``num_features`` for models with a conv head
-    (MobileNetV3/V4, MambaOut), whose pooled output is the head's width.
-    """
-    return int(getattr(encoder, "head_hidden_size", None) or encoder.num_features)
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th (0..7) flip/90-degree rotation of ``(..., H, W)`` images."""
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
 
 
 def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor) -> torch.Tensor:
@@ -82,20 +67,17 @@ def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor)
         "tiny": {"model.encoder": "test_resnet", "model.tta": True},
     },
     description="ST-Net: DenseNet-121 regression of spot expression, mean-initialised head, 8-fold TTA",
+    colour="#e377c2",  # the paper's Fig. 2
 )
 class STNet(ExpressionModel):
     """CNN encoder + linear head; MSE on log expression."""
-
-    kind = "regression"
-    batching = "spot"
-    trainable = True
 
     def __init__(self, config: STNetConfig, n_genes: int) -> None:
         super().__init__()
         self.config = config
         self.n_genes = n_genes
         self.encoder = create_encoder(config.encoder, config.encoder_weights)
-        self.head = nn.Linear(feature_dim(self.encoder), n_genes)
+        self.head = nn.Linear(encoder_out_dim(self.encoder), n_genes)
         if config.zero_init_head:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)

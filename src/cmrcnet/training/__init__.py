@@ -1,16 +1,55 @@
 """Training glue shared by all methods: fold preparation, Lightning fit, run directories, prediction."""
 
-from cmrcnet.training.fit import FoldData, load_samples, prepare_fold, train
-from cmrcnet.training.predict import TrainedRun, load_run, predict_sample, predict_streaming, write_h5ad_atomic
+from cmrcnet.training.fit import (
+    FoldData,
+    build_model,
+    describe_run,
+    fit_by_gradient,
+    load_samples,
+    make_trainer,
+    prepare_fold,
+    resolve_markers,
+    save_model,
+    spot_positions,
+    spot_table,
+    train,
+)
+from cmrcnet.training.predict import (
+    ArraySink,
+    H5adSink,
+    TrainedRun,
+    load_run,
+    predict_into,
+    predict_sample,
+    predict_streaming,
+    prediction_anndata,
+    slide_batches,
+    table_batches,
+    write_h5ad_atomic,
+)
 
 __all__ = [
+    "ArraySink",
     "FoldData",
+    "H5adSink",
     "TrainedRun",
+    "build_model",
+    "describe_run",
+    "fit_by_gradient",
     "load_run",
     "load_samples",
+    "make_trainer",
+    "predict_into",
     "predict_sample",
     "predict_streaming",
+    "prediction_anndata",
     "prepare_fold",
+    "resolve_markers",
+    "save_model",
+    "slide_batches",
+    "spot_positions",
+    "spot_table",
+    "table_batches",
     "train",
     "write_h5ad_atomic",
 ]

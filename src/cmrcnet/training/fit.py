@@ -5,11 +5,15 @@ Run directory layout::
     RUN/config.yaml    resolved configuration (seed included)
     RUN/split.json     train/test sample ids and validation spots
     RUN/genes.txt      the predicted genes, in model order
+    RUN/run.json       what the run is: method, genes, markers, evaluation gene sets, split,
+                       the caller's description (e.g. an ablation variant and its overrides)
     RUN/checkpoints/   Lightning checkpoints (best by validation loss, last)
     RUN/logs/          CSV logs
-    RUN/model.pt       final weights + config + genes (what ``predict`` loads)
-    RUN/bank.npz       retrieval methods: gene embeddings + expression of all training spots
+    RUN/model.pt       final weights + config + genes + run.json's content (what ``predict`` loads)
+    RUN/bank.npz       retrieval methods: the predictor's artifacts (:meth:`Predictor.save`)
     RUN/done.json      written last: the run is complete (``--resume`` skips it)
+
+Prediction needs only this folder: it never reads the training data again.
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+import cmrcnet
 from cmrcnet.config import RunConfig
+from cmrcnet.data.batches import SpotTable, concat_tables
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import InputError
 from cmrcnet.models import get_method
 from cmrcnet.models.base import ExpressionModel
-from cmrcnet.training.data import SpotTable, concat_tables, make_loader
 from cmrcnet.utils import atomic_path, seed_everything, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,11 @@ class FoldData:
     train_ids: list[str]
     test_ids: list[str]
     markers: list[str]
+
+    @property
+    def reference(self) -> SpotTable:
+        """Every labelled training spot, validation spots included (a retrieval bank, a closed-form fit)."""
+        return self.train if self.val is None else concat_tables([self.train, self.val])
 
 
 # -- samples ---------------------------------------------------------------------------------
@@ -99,7 +110,8 @@ def spot_positions(sample: Sample) -> np.ndarray:
     return rc.astype(np.int64)
 
 
-def sample_table(sample: Sample, genes: list[str], cfg: RunConfig, with_expr: bool = True) -> SpotTable:
+def spot_table(sample: Sample, genes: list[str], cfg: RunConfig, with_expr: bool = True) -> SpotTable:
+    """The sample's cached patches, expression of ``genes`` (zeros without counts) and positions."""
     from cmrcnet.data.genes import expression_matrix
     from cmrcnet.data.patches import get_patch_store
 
@@ -134,10 +146,11 @@ def prepare_fold(samples: list[Sample], train_ids: list[str], test_ids: list[str
         raise InputError(f"unknown sample id(s): {', '.join(missing)} (have: {', '.join(by_id)})", cfg.data.path)
     markers = resolve_markers(cfg)
     genes = select_genes(samples, train_ids, cfg.genes, markers if cfg.genes.include_markers else None)
-    train_parts = [sample_table(by_id[i], genes, cfg) for i in train_ids]
-    val_masks = validation_mask({i: by_id[i].n_spots for i in train_ids}, cfg.split.val_fraction, cfg.seed)
-    spec = get_method(cfg.method)
-    if spec.model_cls.batching == "slide" or cfg.split.val_fraction <= 0:
+    train_parts = [spot_table(by_id[i], genes, cfg) for i in train_ids]
+    val_fraction = get_method(cfg.method).model_cls.validation_fraction(cfg.split.val_fraction)
+    if val_fraction > 0:
+        val_masks = validation_mask({i: by_id[i].n_spots for i in train_ids}, val_fraction, cfg.seed)
+    else:
         val_masks = {i: np.zeros(by_id[i].n_spots, bool) for i in train_ids}
     tr = concat_tables([p.subset(np.flatnonzero(~val_masks[i])) for p, i in zip(train_parts, train_ids)])
     va_parts = [p.subset(np.flatnonzero(val_masks[i])) for p, i in zip(train_parts, train_ids) if val_masks[i].any()]
@@ -145,7 +158,7 @@ def prepare_fold(samples: list[Sample], train_ids: list[str], test_ids: list[str
     if cfg.train.shuffle_labels:
         perm = np.random.default_rng(cfg.seed).permutation(len(tr))
         tr.expr = tr.expr[perm]
-    test = {i: sample_table(by_id[i], genes, cfg) for i in test_ids}
+    test = {i: spot_table(by_id[i], genes, cfg) for i in test_ids}
     if run_dir is not None:
         from cmrcnet.data.splits import Fold, save_split
 
@@ -172,7 +185,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
-def _trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
+def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
+    """The Lightning trainer of every gradient-trained method, and its checkpoint callback."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -217,16 +231,14 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
     ), ckpt
 
 
-def _fit_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_dir: Path, resume: bool) -> dict:
+def fit_by_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_dir: Path, resume: bool) -> dict:
+    """The shared trainer (AdamW + cosine, Lightning); the best validation checkpoint is kept."""
     from cmrcnet.training.lit import LitMethod
 
     t = cfg.train
-    batching = type(model).batching
-    drop_last = batching == "spot" and len(fold.train) > t.batch_size
-    train_loader = make_loader(fold.train, t.batch_size, True, t.augment, batching, t.num_workers, cfg.seed, drop_last)
-    val_loader = (
-        make_loader(fold.val, t.batch_size, False, False, batching, 0, cfg.seed) if fold.val is not None else None
-    )
+    train_loader = model.loader(fold.train, batch_size=t.batch_size, train=True, augment=t.augment,
+                                seed=cfg.seed, num_workers=t.num_workers)
+    val_loader = model.loader(fold.val, batch_size=t.batch_size, seed=cfg.seed) if fold.val is not None else None
     model.on_train_start(torch.from_numpy(fold.train.expr))
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -235,7 +247,7 @@ def _fit_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_di
         # spawned DDP workers receive the model through shared memory; the default
         # file-descriptor strategy fails on CPU ("unable to resize file")
         torch.multiprocessing.set_sharing_strategy("file_system")
-    trainer, ckpt = _trainer(cfg, run_dir, val_loader is not None)
+    trainer, ckpt = make_trainer(cfg, run_dir, val_loader is not None)
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
     trainer.fit(lit, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
@@ -251,17 +263,38 @@ def _fit_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_di
     }
 
 
-def _fit_closed_form(model: ExpressionModel, fold: FoldData, cfg: RunConfig) -> dict:
-    table = fold.train if fold.val is None else concat_tables([fold.train, fold.val])
-    loader = make_loader(table, max(cfg.train.batch_size, 64), False, False, "spot", 0, cfg.seed)
-    model.fit_closed_form(loader)
-    return {"n_train": len(table)}
+def describe_run(cfg: RunConfig, fold: FoldData, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run directory is, saved with it (``run.json``, ``model.pt``) and copied into every
+    prediction's ``uns["cmrcnet"]``, so prediction and evaluation never consult the data folder."""
+    from cmrcnet.evaluation.gene_sets import DEFAULT_KS
+
+    manifest = resolve_manifest(cfg)
+    return {
+        "method": cfg.method,
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "dataset": cfg.data.dataset or (manifest.name if manifest is not None else ""),
+        "train_ids": list(fold.train_ids),
+        "test_ids": list(fold.test_ids),
+        "genes": list(fold.genes),
+        "markers": list(fold.markers),
+        "gene_selection": cfg.genes.selection,
+        "gene_sets": {
+            "top_k_expressed_and_variable": list(DEFAULT_KS),
+            "chosen_on": "observed expression of the predicted sample",
+            "markers": list(fold.markers),
+        },
+        "patch_size_um": float(cfg.patches.size_um),
+        "patch_size_px": int(cfg.patches.size_px),
+        "cmrcnet_version": cmrcnet.__version__,
+        **(extra or {}),
+    }
 
 
-def save_model(path: Path, model: ExpressionModel, cfg: RunConfig, genes: list[str]) -> None:
+def save_model(path: Path, model: ExpressionModel, cfg: RunConfig, genes: list[str], run_info: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(
-            {"state_dict": model.state_dict(), "config": cfg.to_dict(), "genes": genes, "method": cfg.method},
+            {"state_dict": model.state_dict(), "config": cfg.to_dict(), "genes": genes, "method": cfg.method, "run": run_info},
             tmp,
         )
 
@@ -273,8 +306,13 @@ def train(
     train_ids: list[str] | None = None,
     samples: list[Sample] | None = None,
     resume: bool = False,
+    describe: dict[str, Any] | None = None,
 ) -> Path:
-    """Train ``cfg.method`` with ``test_ids`` held out; returns the completed run directory."""
+    """Train ``cfg.method`` with ``test_ids`` held out; returns the completed run directory.
+
+    ``describe`` is recorded with the run (``run.json``) and in every prediction made from it,
+    e.g. the benchmark's ablation variant and its overrides.
+    """
     run_dir = Path(run_dir)
     if resume and (run_dir / "done.json").is_file():
         log.info("run %s already complete; skipping", run_dir)
@@ -293,23 +331,18 @@ def train(
     write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     fold = prepare_fold(samples, train_ids, list(test_ids), cfg, run_dir)
     write_text_atomic(run_dir / "genes.txt", "\n".join(fold.genes) + "\n")
+    run_info = describe_run(cfg, fold, describe)
+    write_json_atomic(run_dir / "run.json", run_info)
     t_data = time.perf_counter() - t0
     seed_everything(cfg.seed)
     model = build_model(cfg, len(fold.genes))
     t1 = time.perf_counter()
-    if type(model).trainable:
-        info = _fit_gradient(model, fold, cfg, run_dir, resume)
-    else:
-        info = _fit_closed_form(model, fold, cfg)
+    info = model.fit(fold, batch_size=cfg.train.batch_size, seed=cfg.seed,
+                     by_gradient=lambda: fit_by_gradient(model, fold, cfg, run_dir, resume))
     t_train = time.perf_counter() - t1
     model.eval()
-    save_model(run_dir / "model.pt", model, cfg, fold.genes)
-    if type(model).kind == "retrieval":
-        from cmrcnet.retrieval import build_bank
-
-        table = fold.train if fold.val is None else concat_tables([fold.train, fold.val])
-        bank = build_bank(model, table.expr, fold.genes, table.spot_ids)
-        bank.save(run_dir / "bank.npz")
+    save_model(run_dir / "model.pt", model, cfg, fold.genes, run_info)
+    model.make_predictor(fold, cfg).save(run_dir)
     write_json_atomic(
         run_dir / "done.json",
         {

@@ -1,12 +1,20 @@
-"""Load a run directory and predict expression for spots of any sample (or a tissue grid)."""
+"""Load a run directory and predict expression for spots of any sample (or a tissue grid).
+
+One prediction loop (:func:`predict_into`) serves every method and every input: batches of
+patches come from the sample's patch cache (:func:`table_batches`) or are cut from the slide
+as they are needed (:func:`slide_batches`); the method's
+:class:`~cmrcnet.models.predictors.Predictor` turns them into rows; a sink keeps the rows in
+memory (:class:`ArraySink`) or writes them into an ``.h5ad`` on disk (:class:`H5adSink`).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import anndata as ad
 import numpy as np
@@ -14,11 +22,12 @@ import pandas as pd
 import torch
 
 import cmrcnet
-from cmrcnet.config import RunConfig, from_dict
+from cmrcnet.config import RunConfig, apply_overrides, from_dict
+from cmrcnet.data.batches import SpotTable, spot_loader, to_float_images
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import ConfigError, InputError
-from cmrcnet.models.base import ExpressionModel
-from cmrcnet.training.data import SpotTable, make_loader
+from cmrcnet.models.base import Batch, ExpressionModel
+from cmrcnet.models.predictors import Predictor
 from cmrcnet.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -26,99 +35,167 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainedRun:
+    """A completed run directory, loaded: everything prediction needs, nothing from the data folder."""
+
     run_dir: Path
     cfg: RunConfig
     model: ExpressionModel
     genes: list[str]
-    bank: Any | None  # cmrcnet.retrieval.Bank for retrieval methods
+    predictor: Predictor
+    info: dict[str, Any] = field(default_factory=dict)
+    """The run's self-description (``run.json``): markers, gene sets, split, caller's description."""
 
     @property
-    def kind(self) -> str:
-        return type(self.model).kind
+    def markers(self) -> list[str]:
+        return list(self.info.get("markers", []))
+
+    def predictor_for(self, top_k: int | None) -> Predictor:
+        """The run's predictor, or the same averaging ``top_k`` neighbours (retrieval methods only)."""
+        if top_k is None:
+            return self.predictor
+        p = self.predictor.with_top_k(int(top_k))
+        if p is None:
+            raise ConfigError(f"--top-k applies to retrieval methods only; {self.cfg.method!r} regresses expression")
+        return p
 
 
-def load_run(run_dir: str | Path) -> TrainedRun:
+def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainedRun:
+    """Load a completed run; ``overrides`` may change its ``retrieval.*`` settings (nothing else)."""
     from cmrcnet.training.fit import build_model
 
     run_dir = Path(run_dir)
     model_path = run_dir / "model.pt"
     if not model_path.is_file():
         raise InputError("not a completed run directory (model.pt missing; was training interrupted?)", run_dir)
-    payload = torch.load(model_path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(model_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise InputError(f"cannot read the trained model ({type(e).__name__}: {e})", model_path) from None
     cfg = from_dict(payload["config"])
+    bad = [k for k in (overrides or {}) if not k.startswith("retrieval.")]
+    if bad:
+        raise InputError(f"predict can only override retrieval.* settings, not {', '.join(bad)}")
+    apply_overrides(cfg, dict(overrides or {}))
     genes = list(payload["genes"])
+    info = payload.get("run") or _legacy_run_info(cfg, genes, run_dir)
     model = build_model(cfg, len(genes))
     model.load_state_dict(payload["state_dict"])
     model.eval()
-    bank = None
-    if type(model).kind == "retrieval":
-        from cmrcnet.retrieval import Bank
-
-        bank_path = run_dir / "bank.npz"
-        if not bank_path.is_file():
-            raise InputError("retrieval run has no reference bank (bank.npz)", run_dir)
-        bank = Bank.load(bank_path)
-    return TrainedRun(run_dir, cfg, model, genes, bank)
+    return TrainedRun(run_dir, cfg, model, genes, model.load_predictor(run_dir, cfg), info)
 
 
-def _embed_autocast(run: TrainedRun):
-    """bf16 autocast around the image encoder where the run trained in bf16 and bf16 is native
-    (2.1-2.4x faster embedding on AMX CPUs; 99.6 % of top-50 neighbours identical to fp32)."""
-    import contextlib
+def _legacy_run_info(cfg: RunConfig, genes: list[str], run_dir: Path) -> dict[str, Any]:
+    """Runs saved before runs described themselves: markers are re-derived once, with a warning."""
+    from cmrcnet.training.fit import resolve_markers
 
-    from cmrcnet.retrieval import bf16_matmul_is_fast
-
-    mode = run.cfg.retrieval.embed_precision
-    if mode not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"retrieval.embed_precision must be auto, fp32 or bf16, got {mode!r}")
-    device = next(iter(run.model.parameters())).device.type
-    if mode == "auto":
-        native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
-        mode = "bf16" if native and str(run.cfg.train.precision).startswith("bf16") else "fp32"
-    if mode == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def embed_table(model: ExpressionModel, table: SpotTable, batch_size: int = 256, autocast=None) -> np.ndarray:
-    import contextlib
-
-    loader = make_loader(table, batch_size, False, False, "spot", 0)
-    with autocast or contextlib.nullcontext():
-        out = [model.embed_images(b["img"]).float().cpu().numpy() for b in loader]
-    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
-
-
-def retrieve(run: TrainedRun, embeddings: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The run's bank searched for ``embeddings`` with its retrieval settings: ``(pred, spread)``."""
-    from cmrcnet.retrieval import predict_from_neighbours
-
-    rc = run.cfg.retrieval
-    k = min(int(top_k or rc.top_k), len(run.bank))
-    sims, idx = run.bank.search(
-        embeddings, k, rc.backend, rc.auto_exact_max, precision=rc.exact_precision, **dict(rc.index)
+    markers = resolve_markers(cfg)
+    warnings.warn(
+        f"{run_dir}: run saved by an older cmrcnet without its markers; re-derived from the config and "
+        f"data folder ({len(markers)} markers). Re-train it (cmrcnet train) to record them with the run.",
+        UserWarning,
+        stacklevel=3,
     )
-    return predict_from_neighbours(sims, idx, run.bank.expression, rc.weighting)
+    return {"method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "genes": genes, "markers": markers,
+            "gene_selection": cfg.genes.selection}
 
 
-@torch.no_grad()
-def predict_table(
-    run: TrainedRun, table: SpotTable, top_k: int | None = None, batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predicted expression (N, G) and, for retrieval methods, the neighbours' spread (N, G)."""
-    model = run.model
-    model.eval()
-    if run.kind == "retrieval":
-        return retrieve(run, embed_table(model, table, batch_size, _embed_autocast(run)), top_k)
-    batching = type(model).batching
-    loader = make_loader(table, batch_size, False, False, batching, 0)
-    preds = np.zeros((len(table), len(run.genes)), np.float32)
-    for b in loader:
-        preds[b["index"].numpy()] = model.predict_expression(b).float().cpu().numpy()
-    return preds, None
+# -- batch sources ----------------------------------------------------------------------------
+def table_batches(table: SpotTable, batch_size: int = 256) -> Iterator[Batch]:
+    """Batches of a sample's spot table (patches already cut and cached), in row order."""
+    return iter(spot_loader(table, batch_size))
 
 
+def slide_batches(sample: Sample, cfg: RunConfig, pos: np.ndarray, batch_size: int = 256) -> Iterator[Batch]:
+    """Batches cut from the slide as they are needed: memory does not grow with the number of spots."""
+    from cmrcnet.data.patches import iter_patches
+
+    side_px = cfg.patches.size_um / sample.um_per_px
+    start = 0
+    for chunk in iter_patches(sample.image, sample.coords_px, side_px, cfg.patches.size_px, batch_size):
+        n = len(chunk)
+        yield {
+            "img": to_float_images(torch.from_numpy(np.ascontiguousarray(chunk))),
+            "pos": torch.from_numpy(pos[start : start + n]),
+            "index": torch.arange(start, start + n),
+        }
+        start += n
+
+
+def _counted(batches: Iterable[Batch], progress: Callable[[int], None] | None) -> Iterator[Batch]:
+    for b in batches:
+        yield b
+        if progress is not None:
+            progress(len(b["index"]))
+
+
+# -- sinks ------------------------------------------------------------------------------------
+def _rows(rows: np.ndarray) -> slice | np.ndarray:
+    """A slice for contiguous rows (fast h5py writes), else the index array."""
+    rows = np.asarray(rows)
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+class ArraySink:
+    """Prediction rows kept in memory; the uncertainty matrix exists only if a predictor yields one."""
+
+    def __init__(self, n: int, g: int) -> None:
+        self.shape = (n, g)
+        self.x = np.zeros(self.shape, np.float32)
+        self.spread: np.ndarray | None = None
+
+    def write(self, rows: np.ndarray, pred: np.ndarray, spread: np.ndarray | None) -> None:
+        r = _rows(rows)
+        self.x[r] = pred
+        if spread is not None:
+            if self.spread is None:
+                self.spread = np.zeros(self.shape, np.float32)
+            self.spread[r] = spread
+
+
+class H5adSink:
+    """Prediction rows written into ``X`` and ``layers["uncertainty"]`` of an open ``.h5ad``."""
+
+    def __init__(self, h5: Any, n: int, g: int) -> None:
+        self.h5 = h5
+        self.shape = (n, g)
+        self.chunk_rows = max(1, min(n, (4 << 20) // max(1, 4 * g)))  # ~4 MB chunks
+        self.x = self._dataset(h5, "X")
+        self.spread = None
+
+    def _dataset(self, group: Any, name: str):
+        ds = group.create_dataset(name, shape=self.shape, dtype="float32", chunks=(self.chunk_rows, self.shape[1]))
+        ds.attrs["encoding-type"] = "array"
+        ds.attrs["encoding-version"] = "0.2.0"
+        return ds
+
+    def write(self, rows: np.ndarray, pred: np.ndarray, spread: np.ndarray | None) -> None:
+        r = _rows(rows)
+        self.x[r] = pred
+        if spread is not None:
+            if self.spread is None:
+                self.spread = self._dataset(self.h5["layers"], "uncertainty")
+            self.spread[r] = spread
+
+
+def predict_into(
+    run: TrainedRun,
+    batches: Iterable[Batch],
+    sink: ArraySink | H5adSink,
+    predictor: Predictor | None = None,
+    chunk_spots: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """The prediction loop of every method: batches -> the model's grouping -> predictor -> sink."""
+    predictor = predictor or run.predictor
+    with torch.no_grad():
+        grouped = run.model.prediction_batches(_counted(batches, progress))
+        for rows, pred, spread in predictor.predict(grouped, chunk_spots):
+            sink.write(rows, pred, spread)
+
+
+# -- outputs ----------------------------------------------------------------------------------
 def _clean_uns(d: dict[str, Any]) -> dict[str, Any]:
     """h5ad cannot store None: drop such entries recursively."""
     out: dict[str, Any] = {}
@@ -132,22 +209,23 @@ def _clean_uns(d: dict[str, Any]) -> dict[str, Any]:
 def prediction_anndata(
     run: TrainedRun,
     sample: Sample,
-    table: SpotTable,
+    barcodes: np.ndarray,
     pred: np.ndarray | None,
     spread: np.ndarray | None,
     observed: np.ndarray | None,
-    top_k: int | None,
+    predictor: Predictor | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ad.AnnData:
+    """The prediction file's AnnData; ``pred=None`` gives the skeleton a sink streams into."""
     from cmrcnet.data.readers import attach_lowres
 
-    obs = pd.DataFrame(index=pd.Index(table.barcodes.astype(str), name="barcode"))
+    obs = pd.DataFrame(index=pd.Index(np.asarray(barcodes).astype(str), name="barcode"))
     src_obs = sample.adata.obs
     for col in ("array_row", "array_col", "in_tissue"):
         if col in src_obs:
             obs[col] = src_obs[col].reindex(obs.index).to_numpy()
     var = pd.DataFrame(index=pd.Index(run.genes, name="gene"))
-    if pred is None:  # matrices streamed to disk by predict_streaming
+    if pred is None:  # matrices streamed to disk by an H5adSink
         out = ad.AnnData(obs=obs, var=var)
     else:
         out = ad.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=var)  # no copy when float32
@@ -163,23 +241,21 @@ def prediction_anndata(
         attach_lowres(sample)
     if "spatial" in sample.adata.uns:
         out.uns["spatial"] = dict(sample.adata.uns["spatial"])
-    cfg = run.cfg
-    from cmrcnet.training.fit import resolve_markers
-
-    meta = {
-        "method": cfg.method,
-        "sample_id": sample.sample_id,
-        "patient_id": sample.patient_id,
-        "run_dir": str(run.run_dir),
-        "top_k": int(top_k or cfg.retrieval.top_k) if run.kind == "retrieval" else -1,
-        "seed": cfg.seed,
-        "preset": cfg.preset,
-        "gene_selection": cfg.genes.selection,
-        "markers": list(resolve_markers(cfg)),
-        "um_per_px": float(sample.um_per_px),
-        "cmrcnet_version": cmrcnet.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = {k: v for k, v in run.info.items() if k != "genes"}
+    meta.update(
+        method=run.cfg.method,
+        sample_id=sample.sample_id,
+        patient_id=sample.patient_id,
+        run_dir=str(run.run_dir),
+        seed=run.cfg.seed,
+        preset=run.cfg.preset,
+        gene_selection=run.cfg.genes.selection,
+        markers=run.markers,
+        um_per_px=float(sample.um_per_px),
+        cmrcnet_version=cmrcnet.__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    meta.update((predictor or run.predictor).describe())
     if observed is not None:
         measured = set(sample.adata.var_names)
         meta["unmeasured_genes"] = [g for g in run.genes if g not in measured]
@@ -191,19 +267,21 @@ def prediction_anndata(
 def predict_sample(
     run: TrainedRun,
     sample: Sample,
-    top_k: int | None = None,
+    predictor: Predictor | None = None,
     table: SpotTable | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ad.AnnData:
-    """Predict every spot of ``sample``; ``layers["observed"]`` holds its measured expression when known."""
-    from cmrcnet.training.fit import sample_table
+    """Predict every spot of ``sample`` from its cached patches; ``layers["observed"]`` holds its
+    measured expression when known. ``predictor`` defaults to the run's (see :meth:`TrainedRun.predictor_for`)."""
+    from cmrcnet.training.fit import spot_table
 
     has_counts = sample.adata.n_vars > 0
     if table is None:
-        table = sample_table(sample, run.genes, run.cfg, with_expr=has_counts)
-    pred, spread = predict_table(run, table, top_k)
+        table = spot_table(sample, run.genes, run.cfg, with_expr=has_counts)
+    sink = ArraySink(len(table), len(run.genes))
+    predict_into(run, table_batches(table), sink, predictor)
     observed = table.expr if has_counts else None
-    return prediction_anndata(run, sample, table, pred, spread, observed, top_k, extra)
+    return prediction_anndata(run, sample, table.barcodes, sink.x, sink.spread, observed, predictor, extra)
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
@@ -213,102 +291,28 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     return path
 
 
-class _RowSink:
-    """Where streamed prediction rows go: arrays in memory, or datasets of an open h5ad."""
-
-    def __init__(self, n: int, g: int, with_spread: bool, h5: Any = None) -> None:
-        if h5 is None:
-            self.x = np.empty((n, g), np.float32)
-            self.spread = np.empty((n, g), np.float32) if with_spread else None
-        else:
-            rows = max(1, min(n, (4 << 20) // max(1, 4 * g)))  # ~4 MB chunks
-            self.x = _dense_h5ad_dataset(h5, "X", (n, g), rows)
-            self.spread = _dense_h5ad_dataset(h5["layers"], "uncertainty", (n, g), rows) if with_spread else None
-
-    def write(self, start: int, pred: np.ndarray, spread: np.ndarray | None) -> None:
-        self.x[start : start + len(pred)] = pred
-        if self.spread is not None and spread is not None:
-            self.spread[start : start + len(pred)] = spread
-
-
-def _dense_h5ad_dataset(group: Any, name: str, shape: tuple[int, int], chunk_rows: int):
-    ds = group.create_dataset(name, shape=shape, dtype="float32", chunks=(chunk_rows, shape[1]))
-    ds.attrs["encoding-type"] = "array"
-    ds.attrs["encoding-version"] = "0.2.0"
-    return ds
-
-
-def _stream_predictions(
-    run: TrainedRun,
-    sample: Sample,
-    pos_all: np.ndarray,
-    sink: _RowSink,
-    top_k: int | None,
-    batch_size: int,
-    chunk_spots: int,
-    progress,
-) -> None:
-    """Cut, embed (or regress) and predict patches batch by batch; retrieval methods search and
-    average per chunk of ``chunk_spots`` embeddings, so memory does not grow with the slide."""
-    from cmrcnet.data.patches import iter_patches
-    from cmrcnet.training.data import to_float_images
-
-    model = run.model
-    side_px = run.cfg.patches.size_um / sample.um_per_px
-    pending: list[np.ndarray] = []
-    done = start = 0
-
-    def flush() -> None:
-        nonlocal done, pending
-        if pending:
-            emb = np.concatenate(pending)
-            pending = []
-            pred, spread = retrieve(run, emb, top_k)
-            sink.write(done, pred, spread)
-            done += len(emb)
-
-    with _embed_autocast(run) if run.kind == "retrieval" else torch.autocast("cpu", enabled=False):
-        for chunk in iter_patches(sample.image, sample.coords_px, side_px, run.cfg.patches.size_px, batch_size):
-            n = len(chunk)
-            x = to_float_images(torch.from_numpy(np.ascontiguousarray(chunk)))
-            if run.kind == "retrieval":
-                pending.append(model.embed_images(x).float().numpy())
-                if sum(len(e) for e in pending) >= chunk_spots:
-                    flush()
-            else:
-                b = {"img": x, "pos": torch.from_numpy(pos_all[start : start + n]), "index": torch.arange(start, start + n)}
-                sink.write(start, model.predict_expression(b).float().numpy(), None)
-            start += n
-            if progress is not None:
-                progress(n)
-    flush()
-
-
 @torch.no_grad()
 def predict_streaming(
     run: TrainedRun,
     sample: Sample,
-    top_k: int | None = None,
+    predictor: Predictor | None = None,
     batch_size: int = 256,
-    progress=None,
+    progress: Callable[[int], None] | None = None,
     out: str | Path | None = None,
     chunk_spots: int = 4096,
 ) -> ad.AnnData:
     """Predict without holding all patches in memory (whole-slide grids).
 
-    With ``out`` the prediction is written to that ``.h5ad`` as it is computed (``X`` and
-    ``layers["uncertainty"]`` filled block by block; atomic: the file appears only when
-    complete) and returned opened in backed mode: peak memory is then independent of the
-    number of spots. Without ``out`` the matrices are returned in memory. Slide-level
-    sequence models need the whole slide at once and fall back to :func:`predict_sample`.
+    Patches are cut from the slide batch by batch; a retrieval predictor searches every
+    ``chunk_spots`` embeddings. With ``out`` the prediction is written to that ``.h5ad`` as it
+    is computed (``X`` and ``layers["uncertainty"]`` filled block by block; atomic: the file
+    appears only when complete) and returned opened in backed mode: peak memory is then
+    independent of the number of spots. Without ``out`` the matrices are returned in memory.
+    A model that predicts from the whole slide at once (HisToGene) regroups the batches
+    itself (:meth:`ExpressionModel.prediction_batches`), and holds the slide's patches.
     """
-    model = run.model
-    if type(model).batching == "slide":
-        pred = predict_sample(run, sample, top_k)
-        if out is None:
-            return pred
-        write_h5ad_atomic(pred, out)
-        return ad.read_h5ad(out, backed="r")
+    from cmrcnet.training.fit import spot_positions
+
     if sample.image is None:
         raise InputError("sample has no image to predict from", sample.sample_id)
     n, g = sample.n_spots, len(run.genes)
@@ -317,29 +321,22 @@ def predict_streaming(
         from cmrcnet.data.genes import expression_matrix
 
         observed = expression_matrix(sample, run.genes, run.cfg.genes.target_sum)
-    from cmrcnet.training.fit import spot_positions
-
-    table = SpotTable(
-        imgs=np.zeros((n, 1, 1, 3), np.uint8),
-        expr=np.zeros((n, 0), np.float32),
-        pos=spot_positions(sample),
-        sample_ids=np.array([sample.sample_id] * n),
-        barcodes=np.asarray(sample.adata.obs_names.astype(str)),
-    )
-    with_spread = run.kind == "retrieval"
+    pos = spot_positions(sample)
+    barcodes = np.asarray(sample.adata.obs_names.astype(str))
+    batches = slide_batches(sample, run.cfg, pos, batch_size)
     if out is None:
-        sink = _RowSink(n, g, with_spread)
-        _stream_predictions(run, sample, table.pos, sink, top_k, batch_size, chunk_spots, progress)
+        sink = ArraySink(n, g)
+        predict_into(run, batches, sink, predictor, chunk_spots, progress)
         sample.image.release()
-        return prediction_anndata(run, sample, table, sink.x, sink.spread, observed, top_k)
+        return prediction_anndata(run, sample, barcodes, sink.x, sink.spread, observed, predictor)
     import h5py
 
     out = Path(out)
-    skeleton = prediction_anndata(run, sample, table, None, None, observed, top_k)
+    skeleton = prediction_anndata(run, sample, barcodes, None, None, observed, predictor)
     with atomic_path(out) as tmp:
         skeleton.write_h5ad(tmp)
         del skeleton
         with h5py.File(tmp, "a") as h5:
-            _stream_predictions(run, sample, table.pos, _RowSink(n, g, with_spread, h5), top_k, batch_size, chunk_spots, progress)
+            predict_into(run, batches, H5adSink(h5, n, g), predictor, chunk_spots, progress)
     sample.image.release()
     return ad.read_h5ad(out, backed="r")

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from cmrcnet.data.readers import hest, legacy_st, visium
-from cmrcnet.data.readers._common import sample_table
+from cmrcnet.data.readers._common import patient_table
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import InputError
 
@@ -117,7 +117,7 @@ def read_sample(path: str | Path, sample_id: str, fmt: str | None = None) -> Sam
     if sample_id not in ids:
         raise InputError(f"no sample {sample_id!r} in this {spec.name} dataset (has: {', '.join(ids) or 'none'})", p)
     sample = spec.read(p, sample_id)
-    patients = sample_table(p)
+    patients = patient_table(p)
     if sample_id in patients:
         sample.patient_id = patients[sample_id]
     return sample

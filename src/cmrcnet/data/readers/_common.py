@@ -244,7 +244,7 @@ def find_images(folder: Path, stem_pattern: str | None = None) -> list[Path]:
     )
 
 
-def sample_table(folder: Path) -> dict[str, str]:
+def patient_table(folder: Path) -> dict[str, str]:
     """Optional ``samples.tsv``/``samples.csv`` (columns sample_id, patient_id) -> {sample: patient}.
 
     Lets dataset-specific grouping (which sections come from one individual) live next to
@@ -286,3 +286,8 @@ def write_sample_image(image, folder: Path, stem: str, fmt: str = "png") -> Path
     out = folder / f"{stem}.tif"
     tifffile.imwrite(out, pixels, photometric="rgb", compression="zlib")
     return out
+
+
+def strip_gene_version(gene_id: str) -> str:
+    """``ENSG00000141736.13`` -> ``ENSG00000141736``; other names unchanged."""
+    return gene_id.split(".", 1)[0] if gene_id.startswith("ENS") else gene_id

@@ -37,6 +37,7 @@ from cmrcnet.data.readers._common import (
     read_table,
     report_one_sided,
     require_file,
+    strip_gene_version,
     write_sample_image,
 )
 from cmrcnet.data.sample import Sample
@@ -187,15 +188,11 @@ def read_st_section(
 
 
 # -- gene ids -> symbols -------------------------------------------------------------------
-def _strip_version(gene_id: str) -> str:
-    return gene_id.split(".", 1)[0] if gene_id.startswith("ENS") else gene_id
-
-
 def _map_gene(gene_id: str, gene_map: dict[str, str]) -> str:
     """Symbol for ``gene_id``: exact id first, then the id without its version suffix."""
     if gene_id in gene_map:
         return gene_map[gene_id]
-    return gene_map.get(_strip_version(gene_id), gene_id)
+    return gene_map.get(strip_gene_version(gene_id), gene_id)
 
 
 def _find_gene_table(folder: Path) -> Path | None:
@@ -212,7 +209,7 @@ def read_gene_map(path: Path) -> dict[str, str]:
     df = df.dropna(subset=["gene_id", "gene_name"])
     out: dict[str, str] = {}
     for gid, name in zip(df["gene_id"], df["gene_name"]):
-        out.setdefault(_strip_version(gid), name)
+        out.setdefault(strip_gene_version(gid), name)
     for gid, name in zip(df["gene_id"], df["gene_name"]):
         out[gid] = name  # exact ids win over stripped ones
     return out

@@ -1,19 +1,25 @@
-"""From samples to batches: the fold's patch stores and expression, and fast loaders.
+"""From spot tables to batches: the one batch format every method reads, and fast loaders.
 
 Patches stay uint8 in RAM; a batch is gathered with one fancy-indexing call and
 converted to float on the fly, so the loader never touches AnnData or HDF5 per item.
+A batch is a dict (see :mod:`cmrcnet.models.base`): ``img`` float32 ``(B, 3, H, W)``
+normalised with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`, ``expr``, ``pos``, ``index``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0
+#: ImageNet channel statistics every batch is normalised with (0-1 pixel scale).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+_STD_255 = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
 
 
 @dataclass
@@ -60,7 +66,7 @@ def concat_tables(parts: list[SpotTable]) -> SpotTable:
 def to_float_images(imgs_uint8: torch.Tensor) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ImageNet-normalised."""
     x = imgs_uint8.permute(0, 3, 1, 2).float()
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    return (x - _MEAN_255) / _STD_255
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,27 +118,38 @@ class SlideSampler(Sampler[list[int]]):
             yield self.groups[int(i)].tolist()
 
 
-def make_loader(
+def spot_loader(
     table: SpotTable,
     batch_size: int,
-    shuffle: bool,
-    augment: bool,
-    batching: str = "spot",
-    num_workers: int = 0,
+    *,
+    shuffle: bool = False,
+    augment: bool = False,
     seed: int = 0,
     drop_last: bool = False,
+    num_workers: int = 0,
 ) -> DataLoader:
+    """Batches of ``batch_size`` spots (in table order unless ``shuffle``)."""
     ds = BatchedSpots(table, augment=augment, seed=seed)
-    if batching == "slide":
-        sampler: Sampler = SlideSampler(table, shuffle=shuffle, seed=seed)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        base = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
-        sampler = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
-    return DataLoader(
-        ds,
-        sampler=sampler,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
+    gen = torch.Generator().manual_seed(seed)
+    base = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+    return _loader(ds, BatchSampler(base, batch_size=batch_size, drop_last=drop_last), num_workers)
+
+
+def slide_loader(
+    table: SpotTable, *, shuffle: bool = False, augment: bool = False, seed: int = 0, num_workers: int = 0
+) -> DataLoader:
+    """One batch per slide holding all of its spots (for slide-level sequence models)."""
+    ds = BatchedSpots(table, augment=augment, seed=seed)
+    return _loader(ds, SlideSampler(table, shuffle=shuffle, seed=seed), num_workers)
+
+
+def _loader(ds: Dataset, sampler: Sampler, num_workers: int) -> DataLoader:
+    return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def concat_batches(batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch holding the rows of ``batches`` in order (empty dict when there are none)."""
+    parts = list(batches)
+    if not parts:
+        return {}
+    return {key: torch.cat([b[key] for b in parts]) for key in parts[0]}
