@@ -240,3 +240,48 @@ def test_her2st_markers_survive_moving_the_data(her2st_dir, tmp_path):
     after = predict_sample(load_run(run), _read_moved(tmp_path / "elsewhere", "C3"))
     assert list(after.uns["cmrcnet"]["markers"]) == list(before.uns["cmrcnet"]["markers"])
     np.testing.assert_array_equal(after.layers["predicted"], before.layers["predicted"])
+
+
+def test_adding_a_method_is_one_file(synth, tmp_path):
+    """docs/architecture.md's walk-through, executed: the file registers a method that trains,
+    predicts, gets its plot colour and needs nothing else."""
+    import importlib.util
+    import re
+
+    from cmrcnet.models import base
+    from cmrcnet.plots import method_colour
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    path = tmp_path / "mymethod.py"
+    path.write_text("\n".join(line[3:] if line.startswith("   ") else line for line in code.splitlines()))
+    spec = importlib.util.spec_from_file_location("mymethod", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mymethod"] = module
+    try:
+        spec.loader.exec_module(module)
+        cfg = _cfg(synth, "mymethod", **{"train.epochs": 1})
+        samples = load_samples(cfg)
+        run = train(cfg, tmp_path / "run", [samples[-1].sample_id], samples=samples)
+        pred = predict_sample(load_run(run), samples[-1])
+        assert pred.uns["cmrcnet"]["method"] == "mymethod" and np.isfinite(pred.layers["predicted"]).all()
+        assert method_colour("mymethod") == "#9467bd"
+    finally:
+        base._REGISTRY.pop("mymethod", None)
+        sys.modules.pop("mymethod", None)
+
+
+def test_runs_saved_before_run_json_still_load(synth, tmp_path):
+    """An older model.pt (no "run" entry) loads; markers are re-derived once, with a warning."""
+    import torch
+
+    cfg = _cfg(synth, "ridge", **{"genes.markers": ["GENE003"]})
+    samples = load_samples(cfg)
+    run = train(cfg, tmp_path / "run", [samples[-1].sample_id], samples=samples)
+    payload = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    del payload["run"]
+    torch.save(payload, run / "model.pt")
+    with pytest.warns(UserWarning, match="older cmrcnet without its markers"):
+        old = load_run(run)
+    assert old.markers == ["GENE003"]
+    assert predict_sample(old, samples[-1]).n_obs == samples[-1].n_spots
