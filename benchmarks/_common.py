@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterable, Sequence
 #: Default output folder, relative to the current directory (``/bench_out/`` is git-ignored).
 DEFAULT_OUT_DIR = Path("bench_out")
 
-#: Where the real data live unless ``--data`` / ``$CMRCNET_DATA_DIR`` say otherwise.
-DEFAULT_DATA_ROOT = Path("/work/shared/data")
+#: Environment variable naming the real-data root (the folder holding ``her2st/``); with
+#: neither it nor ``--data`` the scripts run on synthetic data and say so.
+DATA_ENV = "CMRCNET_DATA_DIR"
 
 
 # -- machine ---------------------------------------------------------------------------------
@@ -169,17 +170,46 @@ def gemm_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 5, device: s
 
 # -- data ------------------------------------------------------------------------------------
 def her2st_dir(arg: str | None) -> Path | None:
-    """``--data``, else ``$CMRCNET_DATA_DIR/her2st``, else the default root; None when absent."""
+    """``--data``, else ``$CMRCNET_DATA_DIR/her2st`` (or the variable's folder itself); None when
+    neither is given or neither holds her2st (``ST-cnts/``): see :func:`data_missing`."""
     candidates = []
     if arg:
         candidates += [Path(arg), Path(arg) / "her2st"]
-    else:
-        root = Path(os.environ.get("CMRCNET_DATA_DIR", DEFAULT_DATA_ROOT))
+    elif os.environ.get(DATA_ENV):
+        root = Path(os.environ[DATA_ENV])
         candidates += [root / "her2st", root]
     for c in candidates:
         if (c / "ST-cnts").is_dir():
             return c
     return None
+
+
+def data_missing(arg: str | None) -> str:
+    """Why :func:`her2st_dir` found no her2st folder (for the note a script prints before its
+    synthetic fallback)."""
+    if arg:
+        return f"her2st not found at --data {arg} (no ST-cnts/ in it or in its her2st/)"
+    if os.environ.get(DATA_ENV):
+        return f"her2st not found under ${DATA_ENV}={os.environ[DATA_ENV]} (no her2st/ST-cnts/)"
+    return f"no real data given (pass --data HER2ST_DIR or set ${DATA_ENV} to the folder holding her2st/)"
+
+
+def trains_by_gradient(model: Any) -> bool:
+    """True for a method (model or its class) fitted by the shared gradient trainer, i.e. that
+    keeps :meth:`ExpressionModel.fit`'s default; False for closed-form fits (ridge)."""
+    from cmrcnet.models import ExpressionModel
+
+    cls = model if isinstance(model, type) else type(model)
+    return cls.fit is ExpressionModel.fit
+
+
+def batches_spots(model: Any) -> bool:
+    """True for a method (model or its class) that trains on batches of spots (the default
+    :meth:`ExpressionModel.loader`); False for whole-slide sequence models (HisToGene)."""
+    from cmrcnet.models import ExpressionModel
+
+    cls = model if isinstance(model, type) else type(model)
+    return cls.loader is ExpressionModel.loader
 
 
 def quiet_warnings() -> None:

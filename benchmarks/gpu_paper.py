@@ -8,7 +8,7 @@ Measures, on one GPU:
   224 px, batch 64, bf16 autocast) on a batch already on the device, median of ``--steps``
   steps after warm-up; FLOPs per patch (``FlopCounterMode``, training = 3x forward) and
   the fraction of the GPU's measured bf16 GEMM peak; ``--compile`` adds torch.compile;
-- the loader side: patches/s that ``training.data.make_loader`` (uint8 -> float on the
+- the loader side: patches/s that ``data.batches.spot_loader`` (uint8 -> float on the
   CPU, ``num_workers`` workers) delivers, plus host-to-device copy, versus what the GPU
   consumes (if the loader is slower, add ``train.num_workers``);
 - retrieval: exact top-50 cosine for 10,000 queries against 1M (and ``--bank``) 256-d
@@ -45,7 +45,7 @@ def cuda_sync() -> None:
 def gpu_batch(n: int, size_px: int, n_genes: int, device: str, seed: int = 0) -> dict:
     import torch
 
-    from cmrcnet.training.data import to_float_images
+    from cmrcnet.data.batches import to_float_images
 
     g = torch.Generator().manual_seed(seed)
     u8 = torch.randint(0, 256, (n, size_px, size_px, 3), dtype=torch.uint8, generator=g)
@@ -62,12 +62,12 @@ def train_case(method: str, preset: str, batch_size: int, n_genes: int, steps: i
     from torch.utils.flop_counter import FlopCounterMode
 
     from cmrcnet.config import make_config
-    from cmrcnet.training.fit import build_model
+    from cmrcnet.training import build_model
 
     cfg = make_config(method, preset)
     torch.manual_seed(0)
     model = build_model(cfg, n_genes).cuda().train()
-    n = batch_size if type(model).batching == "spot" else 256
+    n = batch_size if C.batches_spots(model) else 256  # whole-slide models: a slide of 256 spots
     batch = gpu_batch(n, cfg.patches.size_px, n_genes, "cuda")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
@@ -114,7 +114,7 @@ def loader_rate(size_px: int, batch_size: int, n_spots: int, workers: int) -> di
     """Patches/s the package loader delivers to the GPU (augmentation on, pinned copy)."""
     import torch
 
-    from cmrcnet.training.data import SpotTable, make_loader
+    from cmrcnet.data.batches import SpotTable, spot_loader
 
     rng = np.random.default_rng(0)
     table = SpotTable(
@@ -125,7 +125,7 @@ def loader_rate(size_px: int, batch_size: int, n_spots: int, workers: int) -> di
         barcodes=np.array([str(i) for i in range(n_spots)]),
     )
     table.slide_index = {"S": np.arange(n_spots)}
-    loader = make_loader(table, batch_size, True, True, "spot", workers, 0, True)
+    loader = spot_loader(table, batch_size, shuffle=True, augment=True, seed=0, drop_last=True, num_workers=workers)
     t0 = time.perf_counter()
     n = 0
     for b in loader:
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from cmrcnet.models import get_method
 
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if not get_method(method).model_cls.trainable:
+        if not C.trains_by_gradient(get_method(method).model_cls):
             rep.note(f"{method}: fitted in closed form, no training step to time (skipped)")
             continue
         for comp in ([False, True] if args.compile else [False]):
@@ -215,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in lrows:
         r["gpu_patches_s"] = gpu_pps
         r["loader_keeps_up"] = r["patches_s"] >= gpu_pps
-    rep.table("loader", "Loader (make_loader, augment on) + pinned host-to-device copy vs GPU consumption", lrows)
+    rep.table("loader", "Loader (spot_loader, augment on) + pinned host-to-device copy vs GPU consumption", lrows)
     data = None if args.smoke else C.her2st_dir(args.data)
+    if data is None and not args.smoke:
+        rep.note(C.data_missing(args.data) + ": retrieval bank of Gaussian embeddings")
     rr = retrieval_rows([int(s) for s in args.bank.split(",")], args.queries, 50, data)
     rep.table("retrieval", f"Exact top-50 on the GPU, {args.queries:,} queries (recall of fp16 vs fp32)", rr,
               ["bank", "backend", "params", "build_s", "query_s", "ms_per_query", "index_mb", "recall", "source"])

@@ -77,9 +77,7 @@ def untrained_run(data: Path, run_dir: Path, preset: str, test_id: str, samples:
     import torch
 
     from cmrcnet.config import make_config
-    from cmrcnet.retrieval import build_bank
-    from cmrcnet.training.data import concat_tables
-    from cmrcnet.training.fit import build_model, prepare_fold, save_model
+    from cmrcnet.training import build_model, describe_run, prepare_fold, save_model
     from cmrcnet.utils import write_json_atomic, write_text_atomic
 
     if (run_dir / "done.json").is_file():
@@ -92,16 +90,26 @@ def untrained_run(data: Path, run_dir: Path, preset: str, test_id: str, samples:
     model = build_model(cfg, len(fold.genes)).eval()
     write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     write_text_atomic(run_dir / "genes.txt", "\n".join(fold.genes) + "\n")
-    save_model(run_dir / "model.pt", model, cfg, fold.genes)
-    table = fold.train if fold.val is None else concat_tables([fold.train, fold.val])
-    build_bank(model, table.expr, fold.genes, table.spot_ids).save(run_dir / "bank.npz")
+    run_info = describe_run(cfg, fold, {"untrained": True})
+    write_json_atomic(run_dir / "run.json", run_info)
+    save_model(run_dir / "model.pt", model, cfg, fold.genes, run_info)
+    model.make_predictor(fold, cfg).save(run_dir)  # the bank, embedded from fold.reference (train + val)
     write_json_atomic(run_dir / "done.json", {"method": cfg.method, "test_ids": [test_id], "untrained": True})
     return run_dir
 
 
 def embed_precision(run, precision: str):
-    """Set the run's ``retrieval.embed_precision`` (what ``cmrcnet predict`` reads) for a measurement."""
+    """Set the run's ``retrieval.embed_precision`` (what ``cmrcnet predict`` reads, and what the
+    run's retrieval predictor embeds with) for a measurement."""
     run.cfg.retrieval.embed_precision = precision
+    settings = getattr(run.predictor, "settings", None)
+    if settings is not None:
+        settings.embed_precision = precision
+
+
+def bank_of(run):
+    """The reference bank of a retrieval run (None for a regression method)."""
+    return getattr(run.predictor, "bank", None)
 
 
 def autocast(precision: str):
@@ -114,8 +122,8 @@ def autocast(precision: str):
 def embed_phase(rep: C.Report, run, table, batches: list[int], precisions: list[str], repeats: int) -> None:
     import torch
 
+    from cmrcnet.data.batches import to_float_images
     from cmrcnet.retrieval import l2_normalise, search
-    from cmrcnet.training.data import to_float_images
 
     model = run.model.eval()
     rows = []
@@ -145,15 +153,16 @@ def embed_phase(rep: C.Report, run, table, batches: list[int], precisions: list[
             )
     rep.table("embed", "Image embedding (model.embed_images, eval, no_grad)", rows)
     # does bf16 change what is retrieved?
-    if run.bank is not None and {"bf16", "fp32"} <= set(precisions):
+    bank = bank_of(run)
+    if bank is not None and {"bf16", "fp32"} <= set(precisions):
         x = to_float_images(torch.from_numpy(np.ascontiguousarray(table.imgs)))
         embs = {}
         for prec in ("fp32", "bf16"):
             with torch.no_grad(), autocast(prec):
                 embs[prec] = model.embed_images(x).float().numpy()
-        k = min(run.cfg.retrieval.top_k, len(run.bank))
-        _, i32 = search(embs["fp32"], run.bank.embeddings, k, backend="torch")
-        _, i16 = search(embs["bf16"], run.bank.embeddings, k, backend="torch")
+        k = min(run.predictor.settings.top_k, len(bank))
+        _, i32 = search(embs["fp32"], bank.embeddings, k, backend="torch")
+        _, i16 = search(embs["bf16"], bank.embeddings, k, backend="torch")
         overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(i32, i16)])
         cos = float(np.mean(np.sum(l2_normalise(embs["fp32"]) * l2_normalise(embs["bf16"]), 1)))
         rep.table(
@@ -165,29 +174,36 @@ def embed_phase(rep: C.Report, run, table, batches: list[int], precisions: list[
 
 # -- phase: section --------------------------------------------------------------------------
 def breakdown(run, sample, precision: str) -> dict[str, float]:
-    """Time the steps ``predict_sample`` runs, one by one (same calls, same order)."""
-    from cmrcnet.retrieval import predict_from_neighbours, search
-    from cmrcnet.training.fit import sample_table
-    from cmrcnet.training.predict import _embed_autocast, embed_table, prediction_anndata
+    """Time the steps ``predict_sample`` runs, one by one (same calls, same order): the patch
+    table, then what ``predict_into`` does with the run's retrieval predictor (embed the batches,
+    search the bank, average the neighbours: ``RetrievalPredictor.search`` split in two), then
+    the rows into an ``ArraySink`` and the AnnData (both in ``anndata_s``)."""
+    from cmrcnet.retrieval import predict_from_neighbours
+    from cmrcnet.training import ArraySink, prediction_anndata, spot_table, table_batches
 
     out: dict[str, float] = {}
     t = time.perf_counter()
-    table = sample_table(sample, run.genes, run.cfg, with_expr=True)
+    table = spot_table(sample, run.genes, run.cfg, with_expr=True)
     out["patch_table_s"] = time.perf_counter() - t
-    t = time.perf_counter()
     embed_precision(run, precision)
-    q = embed_table(run.model, table, autocast=_embed_autocast(run))
-    out["embed_s"] = time.perf_counter() - t
-    rc = run.cfg.retrieval
-    k = min(rc.top_k, len(run.bank))
+    predictor = run.predictor
     t = time.perf_counter()
-    sims, idx = run.bank.search(q, k, rc.backend, rc.auto_exact_max, precision=rc.exact_precision, **dict(rc.index))
+    parts = list(predictor.embed(run.model.prediction_batches(table_batches(table))))
+    rows = np.concatenate([r for r, _ in parts])
+    q = np.concatenate([e for _, e in parts])
+    out["embed_s"] = time.perf_counter() - t
+    s, bank = predictor.settings, predictor.bank
+    k = min(int(s.top_k), len(bank))
+    t = time.perf_counter()
+    sims, idx = bank.search(q, k, s.backend, s.auto_exact_max, precision=s.exact_precision, **dict(s.index))
     out["search_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    pred, spread = predict_from_neighbours(sims, idx, run.bank.expression, rc.weighting)
+    pred, spread = predict_from_neighbours(sims, idx, bank.expression, s.weighting)
     out["neighbours_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    prediction_anndata(run, sample, table, pred, spread, table.expr, None)
+    sink = ArraySink(len(table), len(run.genes))
+    sink.write(rows, pred, spread)
+    prediction_anndata(run, sample, table.barcodes, sink.x, sink.spread, table.expr, predictor)
     out["anndata_s"] = time.perf_counter() - t
     return out
 
@@ -224,7 +240,7 @@ def section_phase(rep: C.Report, run, sample, precisions: list[str], repeats: in
                     "load1": C.loadavg()[0],
                 }
             )
-    rep.table("section", f"predict_sample on held-out section {sample.sample_id} (bank {len(run.bank)} spots; precision = retrieval.embed_precision)", rows)
+    rep.table("section", f"predict_sample on held-out section {sample.sample_id} (bank {len(bank_of(run))} spots; precision = retrieval.embed_precision)", rows)
     if profile:
         pr = cProfile.Profile()
         pr.enable()
@@ -375,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     C.apply_threads(args.threads)
     from cmrcnet.data.readers import read_dataset
-    from cmrcnet.training import load_run
-    from cmrcnet.training.fit import sample_table
+    from cmrcnet.training import load_run, spot_table
 
     rep = C.Report("predict_throughput", args)
     phases = {s.strip() for s in args.phases.split(",") if s.strip()}
@@ -386,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     data = None if args.smoke else C.her2st_dir(args.data)
     if data is None:
         data = synthetic_data(work)
-        rep.note(f"using the synthetic dataset at {data} ({'smoke' if args.smoke else 'her2st not found'})")
+        rep.note(f"using the synthetic dataset at {data} ({'smoke' if args.smoke else C.data_missing(args.data)})")
     samples = read_dataset(data)
     ids = [s.sample_id for s in samples]
     test_id = HELD_OUT if HELD_OUT in ids else ids[-1]
@@ -403,12 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     rep.note(f"run {run_dir}: {how}; ready in {time.perf_counter() - t0:.1f} s")
     run = load_run(run_dir)
     rep.payload["run"] = {"dir": str(run_dir), "method": run.cfg.method, "preset": run.cfg.preset, "genes": len(run.genes),
-                          "bank": len(run.bank) if run.bank is not None else None, "encoder": run.cfg.model.get("encoder")}
+                          "bank": len(bank_of(run)) if bank_of(run) is not None else None, "encoder": run.cfg.model.get("encoder")}
     timings: dict[str, float] = {}
     rep.payload["phase_s"] = timings
     t0 = time.perf_counter()
     if "embed" in phases:
-        table = sample_table(held, run.genes, run.cfg, with_expr=True)
+        table = spot_table(held, run.genes, run.cfg, with_expr=True)
         embed_phase(rep, run, table, [int(b) for b in args.batches.split(",")], precisions, args.repeats)
         timings["embed"] = time.perf_counter() - t0
     t0 = time.perf_counter()

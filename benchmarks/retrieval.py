@@ -59,7 +59,7 @@ def her2st_seeds(data: Path) -> tuple[np.ndarray, np.ndarray, str]:
     ids = [s.sample_id for s in samples]
     test = HELD_OUT if HELD_OUT in ids else ids[-1]
     train_ids = [i for i in ids if i != test]
-    from cmrcnet.training.fit import resolve_markers
+    from cmrcnet.training import resolve_markers
 
     markers = resolve_markers(cfg)
     genes = select_genes(samples, train_ids, cfg.genes, markers if cfg.genes.include_markers else None)
@@ -79,7 +79,7 @@ def gene_encoder(n_genes: int, run: Path | None, preset: str, seed: int = 0):
         r = load_run(run)
         return r.model.eval(), f"trained run {run}"
     from cmrcnet.config import make_config
-    from cmrcnet.training.fit import build_model
+    from cmrcnet.training import build_model
 
     torch.manual_seed(seed)
     cfg = make_config("cmrcnet", preset)
@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if data is not None:
         ref_seed, q_seed, src = her2st_seeds(data)
     else:
+        if not args.smoke:
+            rep.note(C.data_missing(args.data) + ": embedding synthetic gamma expression")
         rng = np.random.default_rng(0)
         ref_seed = np.log1p(rng.gamma(0.5, 2.0, (400, 200))).astype(np.float32)
         q_seed = np.log1p(rng.gamma(0.5, 2.0, (50, 200))).astype(np.float32)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from cmrcnet.retrieval import _search_torch, _topk_blocked, build_faiss_index
+    from cmrcnet.retrieval import build_faiss_index, search_torch, topk_blocked
 
     bank = np.ascontiguousarray(np.load(args.cache / f"bank_{args.key}_{args.size}.npy")[: args.size])
     q = np.load(args.cache / f"queries_{args.key}_{args.queries}.npy")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, float] = {"threads": torch.get_num_threads()}
     kt, qt = torch.from_numpy(bank), torch.from_numpy(q[:512])
     t = time.perf_counter(); s = qt @ kt.T; out["gemm_fp32_512q_s"] = time.perf_counter() - t  # noqa: E702
-    t = time.perf_counter(); _topk_blocked(s, 50); out["topk_blocked_512q_s"] = time.perf_counter() - t  # noqa: E702
+    t = time.perf_counter(); topk_blocked(s, 50); out["topk_blocked_512q_s"] = time.perf_counter() - t  # noqa: E702
     t = time.perf_counter(); torch.topk(s, 50, dim=1); out["topk_plain_512q_s"] = time.perf_counter() - t  # noqa: E702
     del s
     kb, qb = kt.bfloat16(), qt.bfloat16()
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     out["faiss_flat_recall"] = recall(i)
     for mb in (64, 256, 1024):
         t = time.perf_counter()
-        _search_torch(q, bank, 50, chunk_bytes=mb << 20, precision="fp32")
+        search_torch(q, bank, 50, chunk_bytes=mb << 20, precision="fp32")
         out[f"torch_fp32_chunk{mb}MB_s"] = time.perf_counter() - t
     print(json.dumps(out, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,11 @@ For every method (cmrcnet, bleep, stnet, histogene, ridge-embedding) and preset:
     (64 patches; HisToGene: one whole slide), bf16 autocast and fp32, median of
     ``--steps`` steps after ``--warmup`` steps. ridge is fitted in closed form, so its
     "step" is the frozen encoder's forward pass (no grad), i.e. the embedding cost.
-(b) full epoch through the real loader (``training.data.make_loader`` over the
-    her2st training ``SpotTable`` from the patch cache, or synthetic uint8 patches with
-    ``--synthetic``), with the preset's augmentation; reports epoch time / compute-only
+(b) full epoch through the real loader (the method's own ``model.loader(..., train=True)``
+    over the her2st training ``SpotTable`` from the patch cache, or synthetic uint8 patches
+    with ``--synthetic``), with the preset's augmentation; reports epoch time / compute-only
     time (target <= 1.2), the loader alone, and with ``--lightning`` the same epoch
-    through the package's own Lightning trainer (``training.fit._trainer``).
+    through the package's own Lightning trainer (``training.make_trainer``).
 (c) model FLOPs per patch (``torch.utils.flop_counter.FlopCounterMode`` on the forward
     of ``training_loss``; training counted as 3x forward) and achieved FLOP/s as a
     fraction of this machine's matmul peak, measured in the same run (square GEMMs).
@@ -52,7 +52,7 @@ HELD_OUT = "C3"
 class Workload:
     """The training spots a preset trains on (patches at the preset's size)."""
 
-    table: Any  # cmrcnet.training.data.SpotTable
+    table: Any  # cmrcnet.data.batches.SpotTable
     n_genes: int
     size_px: int
     source: str
@@ -86,7 +86,7 @@ class StepResult:
 # -- data ------------------------------------------------------------------------------------
 def synthetic_workload(size_px: int, n_spots: int, n_genes: int, n_slides: int = 4, seed: int = 0) -> Workload:
     """Random uint8 patches and log1p-like expression, in ``n_slides`` slides (no file I/O)."""
-    from cmrcnet.training.data import SpotTable, concat_tables
+    from cmrcnet.data.batches import SpotTable, concat_tables
 
     rng = np.random.default_rng(seed)
     per = max(1, n_spots // n_slides)
@@ -110,7 +110,7 @@ def her2st_workload(data: Path, preset: str, samples: list | None = None) -> tup
     """The her2st training table of the ``C3``-held-out fold, patches from the patch cache."""
     from cmrcnet.config import make_config
     from cmrcnet.data.readers import read_dataset
-    from cmrcnet.training.fit import prepare_fold
+    from cmrcnet.training import prepare_fold
 
     if samples is None:
         samples = read_dataset(data)
@@ -128,7 +128,7 @@ def build_case_model(method: str, preset: str, n_genes: int, size_px: int, seed:
     import torch
 
     from cmrcnet.config import make_config
-    from cmrcnet.training.fit import build_model
+    from cmrcnet.training import build_model
 
     cfg = make_config(METHODS[method], preset, {"patches.size_px": size_px})
     torch.manual_seed(seed)
@@ -141,11 +141,11 @@ def has_conv(model) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
-def compute_batch(table, method_batching: str, batch: int, seed: int = 0) -> dict:
+def compute_batch(table, spot_batches: bool, batch: int, seed: int = 0) -> dict:
     """One batch as the loader would give it, without augmentation (HisToGene: the largest slide)."""
-    from cmrcnet.training.data import BatchedSpots
+    from cmrcnet.data.batches import BatchedSpots
 
-    if method_batching == "slide":
+    if not spot_batches:
         rows = max(table.slide_index.values(), key=len)
     else:
         rows = np.random.default_rng(seed).permutation(len(table))[: min(batch, len(table))]
@@ -180,7 +180,7 @@ def make_step(model, precision: str, compile_: bool, optimizer: str = "default")
     import torch
 
     bf16 = precision == "bf16"
-    if not type(model).trainable:
+    if not C.trains_by_gradient(model):
         fwd = torch.compile(model.embed) if compile_ else model.embed
 
         def embed_step(batch: dict) -> None:
@@ -210,7 +210,7 @@ def forward_flops(model, batch: dict) -> float:
 
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        if type(model).trainable:
+        if C.trains_by_gradient(model):
             model.train()
             model.training_loss(batch)
         else:
@@ -251,8 +251,7 @@ def lightning_epoch(model, cfg, table, precision: str) -> float:
     """One epoch through the package's trainer (Lightning, CSV logger, checkpoint callback)."""
     import copy
 
-    from cmrcnet.training.data import make_loader
-    from cmrcnet.training.fit import _trainer
+    from cmrcnet.training import make_trainer
     from cmrcnet.training.lit import LitMethod
 
     cfg = copy.deepcopy(cfg)
@@ -260,12 +259,10 @@ def lightning_epoch(model, cfg, table, precision: str) -> float:
     cfg.train.precision = "bf16-mixed" if precision == "bf16" else "32-true"
     cfg.train.accelerator = "cpu"
     t = cfg.train
-    batching = type(model).batching
-    drop_last = batching == "spot" and len(table) > t.batch_size
-    loader = make_loader(table, t.batch_size, True, t.augment, batching, 0, cfg.seed, drop_last)
+    loader = model.loader(table, batch_size=t.batch_size, train=True, augment=t.augment, seed=cfg.seed)
     lit = LitMethod(model, t, steps_per_epoch=len(loader))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _ = _trainer(cfg, Path(tmp), has_val=False)
+        trainer, _ = make_trainer(cfg, Path(tmp), has_val=False)
         t0 = time.perf_counter()
         trainer.fit(lit, train_dataloaders=loader)
         return time.perf_counter() - t0
@@ -301,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true", help="synthetic uint8 patches instead of her2st")
     p.add_argument("--synthetic-spots", type=int, default=1024)
     p.add_argument("--synthetic-genes", type=int, default=1000)
-    p.add_argument("--data", default=None, help="her2st folder (default $CMRCNET_DATA_DIR/her2st or /work/shared/data/her2st)")
+    p.add_argument("--data", default=None, help="her2st folder (default $CMRCNET_DATA_DIR/her2st; synthetic patches without either)")
     p.add_argument("--gemm-n", type=int, default=2048)
     p.add_argument("--profile", default=None, help="METHOD[/PRECISION]: print a torch.profiler table of one step")
     args = p.parse_args(argv)
@@ -375,14 +372,10 @@ def compute_row(case: Case, res: StepResult, fwd_flops: float, mult: float, peak
 
 def epoch_row(case: Case, model, cfg, step: Callable[[dict], None], wl: Workload, batch: int, pps: float, lightning: bool, rep: C.Report) -> dict[str, Any]:
     """(b) The same warm model over one epoch of the real loader, next to the loader alone."""
-    from cmrcnet.training.data import make_loader
-
     t = cfg.train
-    batching = type(model).batching
-    drop_last = batching == "spot" and len(wl.table) > batch
-    loader = make_loader(wl.table, batch, True, t.augment, batching, 0, 0, drop_last)
+    loader = model.loader(wl.table, batch_size=batch, train=True, augment=t.augment, seed=0)
     t_loader = loader_only(loader)
-    t_loader_noaug = loader_only(make_loader(wl.table, batch, True, False, batching, 0, 0, drop_last))
+    t_loader_noaug = loader_only(model.loader(wl.table, batch_size=batch, train=True, augment=False, seed=0))
     t_epoch, n_seen, n_batches = run_epoch(step, loader, False)
     compute_equiv = n_seen / pps
     row: dict[str, Any] = {
@@ -399,7 +392,7 @@ def epoch_row(case: Case, model, cfg, step: Callable[[dict], None], wl: Workload
         "ratio": t_epoch / compute_equiv,
         "load1": C.loadavg()[0],
     }
-    if lightning and type(model).trainable:
+    if lightning and C.trains_by_gradient(model):
         try:
             t_l = lightning_epoch(model, cfg, wl.table, case.precision)
             row["lightning_epoch_s"] = t_l
@@ -456,9 +449,9 @@ def bench_method(method: str, preset: str, wl: Workload, args: argparse.Namespac
 
     probe, _ = build_case_model(method, preset, wl.n_genes, wl.size_px)
     cases = cases_for(method, preset, args, threads_list, default_threads, has_conv(probe))
-    batch = compute_batch(wl.table, type(probe).batching, args.batch)
+    batch = compute_batch(wl.table, C.batches_spots(probe), args.batch)
     fwd_flops = forward_flops(probe, batch) / batch["img"].shape[0]
-    mult = 3.0 if type(probe).trainable else 1.0
+    mult = 3.0 if C.trains_by_gradient(probe) else 1.0
     del probe
     prepared: list[Prepared] = []
     for case in cases:
@@ -517,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = None if args.synthetic else C.her2st_dir(args.data)
     if not args.synthetic and data_dir is None:
-        rep.note("her2st not found: using synthetic patches (pass --data to use the real data)")
+        rep.note(C.data_missing(args.data) + ": using synthetic patches")
     workloads: dict[int, Workload] = {}
     samples = None
     out = Collected()
@@ -545,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epoch_s", "compute_only_s", "ratio"]
         if args.lightning:
             cols += ["lightning_epoch_s", "lightning_ratio"]
-        rep.table("epoch", "(b) One epoch through training.data.make_loader (ratio = epoch / compute only; target <= 1.2)", out.epoch, cols + ["load1"])
+        rep.table("epoch", "(b) One epoch through the method's model.loader (ratio = epoch / compute only; target <= 1.2)", out.epoch, cols + ["load1"])
     for label, text in out.profiles.items():
         print(f"\ntorch.profiler, one training step of {label} (self CPU time):\n{text}")
     rep.payload["profiles"] = out.profiles

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses with full imports: the inner loop skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 #: Generous: the budget is ~20 s on an idle machine, but CI boxes and shared machines are loaded.

@@ -22,6 +22,7 @@ def _hest_folder(dest: Path, ids: list[str]) -> Path:
     return write_hest(samples, dest)
 
 
+@pytest.mark.slow
 def test_benchmark_dataset_manifest_end_to_end(tmp_path):
     skcm = load_manifest("SKCM")
     hest = _hest_folder(tmp_path / "hest", skcm.sample_ids())

@@ -47,6 +47,7 @@ def test_blank_slide_is_an_error(tmp_path):
         grid_sample(p, um_per_px=1.0)
 
 
+@pytest.mark.slow
 def test_predict_image_grid_cli(tmp_path):
     from cmrcnet.config import make_config
     from cmrcnet.data.synthetic import make_synthetic_dataset

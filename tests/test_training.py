@@ -98,6 +98,7 @@ def test_every_method_trains_and_predicts(synth, tmp_path, method):
     assert "observed" in pred.layers
 
 
+@pytest.mark.slow
 def test_cli_train_and_predict(synth, tmp_path):
     cache = str(synth.parent / "cache")
     env_cmd = [sys.executable, "-m", "cmrcnet"]
@@ -151,6 +152,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_lightning_ddp_two_cpu_processes_gather_negatives(synth, tmp_path):
     """Lightning DDP on 2 CPU processes (gloo): the contrastive loss sees both processes' spots."""
     import pandas as pd
@@ -220,6 +222,7 @@ def test_run_describes_itself_and_predicts_after_the_data_moved(tmp_path, monkey
     np.testing.assert_array_equal(after.layers["predicted"], before.layers["predicted"])
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_her2st_markers_survive_moving_the_data(her2st_dir, tmp_path):
     """The real case: markers come from the her2st manifest (found by the data folder) at training

@@ -318,9 +318,9 @@ def _ids_in_folder(path: Path, fmt: str) -> set[str]:
     from cmrcnet.data.readers import READERS
 
     spec = READERS.get(fmt)
-    if spec is None or not spec.detect(path):
+    if spec is None:
         return set()
-    try:
+    try:  # no detect(): a partial download (e.g. HEST's st/ without wsis/) still names its samples
         return set(spec.list_ids(path))
     except InputError:
         return set()
