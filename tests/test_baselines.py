@@ -13,9 +13,9 @@ import torch
 from cmrcnet.config import make_config
 from cmrcnet.errors import ConfigError
 from cmrcnet.models import get_method
-from cmrcnet.models.encoders import create_encoder
+from cmrcnet.models.encoders import create_encoder, efficientnet_lite0_weights
 from cmrcnet.models.histogene import Block, HisToGene, position_buckets
-from cmrcnet.models.ridge import RidgeProbe, efficientnet_lite0_weights
+from cmrcnet.models.ridge import RidgeProbe
 from cmrcnet.data.batches import dihedral
 from cmrcnet.models.stnet import STNet
 
@@ -356,6 +356,12 @@ def test_ridge_with_packaged_efficientnet_lite0() -> None:
     path = efficientnet_lite0_weights()
     file_state = torch.load(path, map_location="cpu", weights_only=True)
     m = build("ridge", n_genes=3, encoder="tf_efficientnet_lite0", encoder_weights=path, encoder_norm="half")
-    torch.testing.assert_close(m.encoder.conv_stem.weight, file_state["_conv_stem.weight"])
+    torch.testing.assert_close(m.encoder.model.conv_stem.weight, file_state["_conv_stem.weight"])
     assert m.embed(torch.zeros(2, 3, 32, 32)).shape == (2, 1280)
-    assert make_config("ridge", "cpu").model["encoder"] == "tf_efficientnet_lite0"
+    # the registry entry: same weights (from the package), same [-1, 1] input, without any option
+    cfg = make_config("ridge", "cpu")
+    assert cfg.model["encoder"] == "efficientnet-lite0"
+    e = build("ridge", n_genes=3, encoder="efficientnet-lite0")
+    torch.testing.assert_close(e.encoder.model.conv_stem.weight, file_state["_conv_stem.weight"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(e.embed(x), m.embed(x))

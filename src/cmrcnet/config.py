@@ -301,6 +301,39 @@ def make_config(
     cfg.model = {**dataclasses.asdict(spec.Config()), **cfg.model}
     apply_overrides(cfg, GLOBAL_PRESETS.get(preset, {}))
     apply_overrides(cfg, spec.presets.get(preset, {}))
+    _preset_architecture_follows_encoder(cfg, spec.Config(), overrides or {})
     apply_overrides(cfg, overrides or {})
+    _patch_geometry_from_encoder(cfg, overrides or {}, base)
     spec.validate_model_config(cfg.model)
     return cfg
+
+
+#: Model options that shape a preset's own encoder (e.g. the cpu preset's 6-layer ViT-Ti).
+ENCODER_ARCH_KEYS = ("encoder_kwargs", "vit_depth", "vit_heads", "encoder_weights")
+
+
+def _preset_architecture_follows_encoder(cfg: RunConfig, defaults: Any, overrides: dict[str, Any]) -> None:
+    """When the user picks another encoder, the preset's options for its own encoder are dropped
+    (``--set model.encoder=uni`` gets UNI's architecture, not ViT-Ti's depth), unless also given."""
+    if "model.encoder" not in overrides:
+        return
+    for key in ENCODER_ARCH_KEYS:
+        if key in cfg.model and f"model.{key}" not in overrides and hasattr(defaults, key):
+            cfg.model[key] = copy.deepcopy(getattr(defaults, key))
+
+
+def _patch_geometry_from_encoder(cfg: RunConfig, overrides: dict[str, Any], base: RunConfig | None) -> None:
+    """A registered encoder with a native pixel size (UNI: 224 px at 0.5 µm/px) sets the patch to its
+    native field of view and input size, unless the user set the patch geometry themselves."""
+    from cmrcnet.models.encoders import get_encoder_entry
+
+    entry = get_encoder_entry(str(cfg.model.get("encoder") or ""))
+    if entry is None or entry.patch_um is None:
+        return
+    user_set = set(overrides)
+    if base is not None and base.patches != PatchConfig():
+        user_set |= {"patches.size_um", "patches.size_px"}
+    if "patches.size_um" not in user_set:
+        cfg.patches.size_um = float(entry.patch_um)
+    if "patches.size_px" not in user_set:
+        cfg.patches.size_px = int(entry.input_px)

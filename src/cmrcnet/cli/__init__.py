@@ -1,6 +1,6 @@
 """Command line: a thin layer over library functions (Typer + rich).
 
-Sub-command modules: ``data`` (info, download, convert), ``datasets`` (manifests),
+Sub-command modules: ``data`` (info, download, convert), ``datasets`` (manifests), ``encoders``,
 ``run`` (train, predict, demo), ``bench`` (benchmark, report).
 Errors of type :class:`cmrcnet.errors.CmrcnetError` are printed as one line, exit code 2.
 """
@@ -33,10 +33,11 @@ def _register() -> None:
     if _registered:
         return
     _registered = True
-    from cmrcnet.cli import bench, data, datasets, run
+    from cmrcnet.cli import bench, data, datasets, encoders, run
 
     app.add_typer(data.app, name="data", help="Inspect, download and convert datasets.")
     datasets.register(app)
+    encoders.register(app)
     run.register(app)
     bench.register(app)
 

@@ -24,22 +24,40 @@ _STD_255 = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
 
 @dataclass
 class SpotTable:
-    """All spots of a set of samples, concatenated: the unit every loader reads from."""
+    """All spots of a set of samples, concatenated: the unit every loader reads from.
 
-    imgs: np.ndarray  # (N, S, S, 3) uint8
+    ``features`` holds per-spot arrays with a view axis, ``(N, V, ...)``: precomputed encoder
+    outputs of a frozen encoder (``feat``, ``tokens``), one per dihedral view. A batch carries
+    one view per spot (a random one when augmenting). A table of features needs no images
+    (``imgs`` None): training epochs then never touch a patch.
+    """
+
+    imgs: np.ndarray | None  # (N, S, S, 3) uint8
     expr: np.ndarray  # (N, G) float32 (zeros when unknown)
     pos: np.ndarray  # (N, 2) int64
     sample_ids: np.ndarray  # (N,) str
     barcodes: np.ndarray  # (N,) str
     slide_index: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.imgs.shape[0])
+        return int(self.expr.shape[0])
 
     def subset(self, rows: np.ndarray) -> "SpotTable":
         rows = np.asarray(rows)
-        t = SpotTable(self.imgs[rows], self.expr[rows], self.pos[rows], self.sample_ids[rows], self.barcodes[rows])
+        imgs = None if self.imgs is None else self.imgs[rows]
+        t = SpotTable(imgs, self.expr[rows], self.pos[rows], self.sample_ids[rows], self.barcodes[rows],
+                      features={k: v[rows] for k, v in self.features.items()})
         t.slide_index = _slide_index(t.sample_ids)
+        return t
+
+    def with_features(self, features: dict[str, np.ndarray], keep_images: bool = False) -> "SpotTable":
+        """This table with ``features`` (``(N, V, ...)`` arrays), its images dropped unless kept."""
+        for k, v in features.items():
+            if v.shape[0] != len(self):
+                raise ValueError(f"feature {k!r} has {v.shape[0]} rows for {len(self)} spots")
+        t = SpotTable(self.imgs if keep_images else None, self.expr, self.pos, self.sample_ids, self.barcodes,
+                      dict(self.slide_index), dict(features))
         return t
 
     @property
@@ -52,12 +70,16 @@ def _slide_index(sample_ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def concat_tables(parts: list[SpotTable]) -> SpotTable:
+    keys = set(parts[0].features)
+    if any(set(p.features) != keys for p in parts) or len({p.imgs is None for p in parts}) > 1:
+        raise ValueError("cannot concatenate spot tables holding different inputs (images vs features)")
     t = SpotTable(
-        np.concatenate([p.imgs for p in parts]),
+        None if parts[0].imgs is None else np.concatenate([p.imgs for p in parts]),
         np.concatenate([p.expr for p in parts]).astype(np.float32, copy=False),
         np.concatenate([p.pos for p in parts]).astype(np.int64, copy=False),
         np.concatenate([p.sample_ids for p in parts]),
         np.concatenate([p.barcodes for p in parts]),
+        features={k: np.concatenate([p.features[k] for p in parts]) for k in keys},
     )
     t.slide_index = _slide_index(t.sample_ids)
     return t
@@ -89,16 +111,23 @@ class BatchedSpots(Dataset):
 
     def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         rows_arr = np.asarray(rows, dtype=np.int64)
-        imgs = torch.from_numpy(np.ascontiguousarray(self.table.imgs[rows_arr]))
-        if self.augment:
-            ks = self.rng.integers(0, 8, size=len(rows_arr))
-            imgs = torch.stack([dihedral(im.permute(2, 0, 1), int(k)).permute(1, 2, 0) for im, k in zip(imgs, ks)])
-        return {
-            "img": to_float_images(imgs),
+        out = {
             "expr": torch.from_numpy(self.table.expr[rows_arr]),
             "pos": torch.from_numpy(self.table.pos[rows_arr]),
             "index": torch.from_numpy(rows_arr),
         }
+        if self.table.imgs is not None:
+            imgs = torch.from_numpy(np.ascontiguousarray(self.table.imgs[rows_arr]))
+            if self.augment:
+                ks = self.rng.integers(0, 8, size=len(rows_arr))
+                imgs = torch.stack([dihedral(im.permute(2, 0, 1), int(k)).permute(1, 2, 0) for im, k in zip(imgs, ks)])
+            out["img"] = to_float_images(imgs)
+        if self.table.features:
+            n_views = next(iter(self.table.features.values())).shape[1]
+            views = self.rng.integers(0, n_views, size=len(rows_arr)) if self.augment and n_views > 1 else np.zeros(len(rows_arr), np.int64)
+            for key, arr in self.table.features.items():
+                out[key] = torch.from_numpy(np.asarray(arr[rows_arr, views], dtype=np.float32))
+        return out
 
 
 class SlideSampler(Sampler[list[int]]):

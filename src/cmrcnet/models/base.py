@@ -61,6 +61,15 @@ class ExpressionModel(nn.Module):
         """Hook called once with the training expression matrix (e.g. STNet's bias init)."""
 
     # -- fitting ---------------------------------------------------------------------------------
+    def encode_fold(self, fold: FoldData, *, augment: bool, cache_dir: str | Path | None, precision: str) -> FoldData:
+        """The fold as this model trains on it; a frozen encoder replaces patches by cached features
+        (:class:`~cmrcnet.models.features.EncoderMethod`). Default: unchanged."""
+        return fold
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups (e.g. a lower encoder learning rate). Default: all trainable at ``lr``."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
     def fit(self, fold: FoldData, *, batch_size: int, seed: int, by_gradient: Callable[[], dict]) -> dict:
         """Fit on ``fold``; returns facts for ``done.json``. Default: the shared gradient trainer."""
         return by_gradient()

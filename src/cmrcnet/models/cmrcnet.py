@@ -14,7 +14,7 @@ Every paper-vs-authors choice is an option of :class:`CMRCNetConfig`; see ``docs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,16 +23,17 @@ from torch import nn
 
 from cmrcnet.errors import ConfigError
 from cmrcnet.models.base import Batch, ExpressionModel, register_method
-from cmrcnet.models.predictors import RetrievalPredictor
+from cmrcnet.models.encoders import POOLINGS, ImageEncoder
+from cmrcnet.models.features import EncoderMethod, EncoderOptions
 from cmrcnet.models.layers import (
     SNN,
     CrossAttention,
     FusionBlock,
     ProjectionHead,
-    TokenEncoder,
     random_feature_mask,
     set_fused_attention,
 )
+from cmrcnet.models.predictors import RetrievalPredictor
 from cmrcnet.models.losses import (
     TEMPERATURE_MODES,
     bleep_contrastive_loss,
@@ -48,24 +49,25 @@ LOSS_COMBINE = ("log1p", "log1p_per_sample", "sum")
 
 
 @dataclass
-class CMRCNetConfig:
-    """Hyperparameters of CMRCNet (defaults: the paper; ``authors`` preset: the authors' code)."""
+class CMRCNetConfig(EncoderOptions):
+    """Hyperparameters of CMRCNet (defaults: the paper; ``authors`` preset: the authors' code).
+
+    The encoder options (``encoder``, ``encoder_weights``, ``encoder_kwargs``, ``encoder_mode``,
+    LoRA and frozen-feature settings) are :class:`~cmrcnet.models.features.EncoderOptions`'.
+    """
 
     # -- image encoder
     encoder: str = "vit_base_patch32_224"
-    """Any timm model name, built from scratch (``num_classes=0``); ViT-B/32 as in the paper."""
-    encoder_weights: str | None = None
-    """Local weights file for the encoder (never downloaded). None = random init."""
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for ``timm.create_model`` (e.g. ``patch_size``, ``embed_dim``)."""
+    """A registered encoder (``cmrcnet encoders``) or any timm model name; ViT-B/32 as in the paper."""
     vit_depth: int | None = None
     """Transformer depth override (timm ``depth``); the authors use 8 instead of ViT-B's 12."""
     vit_heads: int | None = None
     """Attention heads override (timm ``num_heads``); the authors use 8 instead of 12."""
     img_size: int | None = None
     """Input side in px; None = filled by the trainer from ``patches.size_px``."""
-    pool: str = "mean"
-    """Image embedding pooling: ``mean`` (all tokens incl. CLS), ``mean_no_cls``, ``cls``, ``timm``."""
+    pool: str = "auto"
+    """Image embedding pooling: ``auto`` (a registered encoder's own tile embedding, e.g. UNI's CLS;
+    else ``mean``), ``mean`` (all tokens incl. CLS), ``mean_no_cls``, ``cls``, ``cls+mean``, ``timm``."""
     # -- contrastive part
     embed_dim: int = 256
     """Shared embedding size of both projection heads (and of the fusion tokens)."""
@@ -125,7 +127,8 @@ class CMRCNetConfig:
             if getattr(self, name) not in options:
                 raise ConfigError(f"model.{name} must be one of {options}, got {getattr(self, name)!r}")
 
-        choice("pool", TokenEncoder.POOLS)
+        self.validate_encoder_options()
+        choice("pool", ("auto",) + POOLINGS)
         choice("temperature_mode", TEMPERATURE_MODES)
         choice("contrastive_reduction", ("mean", "sum"))
         choice("recon_loss", ("mse", "cosine"))
@@ -202,7 +205,7 @@ CMRCNET_PRESETS: dict[str, dict[str, Any]] = {
     description="CMRCNet: contrastive learning + cross-modal masked reconstruction, top-k retrieval",
     colour="#2ca02c",  # the paper's Fig. 2
 )
-class CMRCNet(ExpressionModel):
+class CMRCNet(EncoderMethod, ExpressionModel):
     """Contrastive image/gene encoders; the reconstruction branch only shapes training."""
 
     def __init__(self, config: CMRCNetConfig, n_genes: int) -> None:
@@ -212,7 +215,10 @@ class CMRCNet(ExpressionModel):
         self.n_genes = int(n_genes)
         self._fused: bool | None = None
         c = config
-        self.image_encoder = TokenEncoder(c.encoder, c.encoder_weights, c.img_size, c.pool, **c.timm_kwargs())
+        self.image_encoder = ImageEncoder(c.encoder, c.encoder_weights, c.img_size, c.pool, fallback_pool="mean",
+                                          **c.timm_kwargs())
+        self.needs_tokens = bool(c.reconstruction)
+        self.setup_encoder_mode()
         enc_dim = self.image_encoder.out_dim
         self.image_projection = ProjectionHead(enc_dim, c.embed_dim, c.proj_dropout)
         self.gene_projection = ProjectionHead(self.n_genes, c.embed_dim, c.proj_dropout)
@@ -289,8 +295,10 @@ class CMRCNet(ExpressionModel):
     # -- training ----------------------------------------------------------------------------
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         c = self.config
-        img, expr = batch["img"], batch["expr"]
-        tokens, img_emb = self.encode_images(img)
+        expr = batch["expr"]
+        tokens, pooled = self.image_features(batch)
+        self._select_attention(pooled.device)
+        img_emb = self.image_projection(pooled)
         gene_emb = self.embed_genes(expr)
         img_all, gene_all = img_emb, gene_emb
         if c.gather_distributed:

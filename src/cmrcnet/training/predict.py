@@ -27,6 +27,7 @@ from cmrcnet.data.batches import SpotTable, spot_loader, to_float_images
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import ConfigError, InputError
 from cmrcnet.models.base import Batch, ExpressionModel
+from cmrcnet.models.encoders import weights_from_state_dict
 from cmrcnet.models.predictors import Predictor
 from cmrcnet.utils import atomic_path
 
@@ -78,7 +79,8 @@ def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     apply_overrides(cfg, dict(overrides or {}))
     genes = list(payload["genes"])
     info = payload.get("run") or _legacy_run_info(cfg, genes, run_dir)
-    model = build_model(cfg, len(genes))
+    with weights_from_state_dict():  # the encoder's weights are in the state dict: no weights file needed
+        model = build_model(cfg, len(genes))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return TrainedRun(run_dir, cfg, model, genes, model.load_predictor(run_dir, cfg), info)
