@@ -69,6 +69,13 @@ def test_predict_throughput_smoke(tmp_path: Path) -> None:
     assert grid["peak_rss_mb"] > 0
 
 
+def test_frozen_features_smoke(tmp_path: Path) -> None:
+    proc = run_script("frozen_features.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_envelope(tmp_path / "out.json", {"gemm_peak", "encode"})
+    assert all(r["patches_per_s"] > 0 and 0 < r["peak_fraction"] for r in payload["tables"]["encode"])
+
+
 def test_retrieval_smoke(tmp_path: Path) -> None:
     proc = run_script("retrieval.py", tmp_path, "--cache", str(tmp_path / "rcache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
