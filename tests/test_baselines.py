@@ -365,3 +365,17 @@ def test_ridge_with_packaged_efficientnet_lite0() -> None:
     torch.testing.assert_close(e.encoder.model.conv_stem.weight, file_state["_conv_stem.weight"])
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(e.embed(x), m.embed(x))
+
+
+@pytest.mark.parametrize("name", ["stnet", "ridge"])
+def test_state_dicts_from_before_the_encoder_wrapper_still_load(name: str) -> None:
+    """Runs saved when these methods held a bare timm model (keys ``encoder.X``) load into today's
+    ImageEncoder (``encoder.model.X``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = build(name)
+        old = {k.replace("encoder.model.", "encoder.", 1): v for k, v in m.state_dict().items()}
+        fresh = build(name)
+    fresh.load_state_dict(old)
+    for k, v in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
