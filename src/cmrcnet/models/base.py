@@ -13,7 +13,9 @@ A method changes behaviour by overriding a method here, never by a flag that cod
 downstream tests (Lightning's shape):
 
 - how it is fitted: :meth:`ExpressionModel.fit` (default: the shared gradient trainer;
-  ridge fits in closed form);
+  ridge fits in closed form), on what (:meth:`~ExpressionModel.encode_fold`: a frozen
+  encoder trains on cached features) and with which learning rates
+  (:meth:`~ExpressionModel.param_groups`);
 - how spots are batched: :meth:`~ExpressionModel.loader`,
   :meth:`~ExpressionModel.prediction_batches` and
   :meth:`~ExpressionModel.validation_fraction` (HisToGene sees whole slides);
@@ -74,7 +76,7 @@ class ExpressionModel(nn.Module):
         """Fit on ``fold``; returns facts for ``done.json``. Default: the shared gradient trainer."""
         return by_gradient()
 
-    # -- grouping spots into batches----------------------------------------------------------------------------
+    # -- grouping spots into batches --------------------------------------------------------------
     @classmethod
     def validation_fraction(cls, requested: float) -> float:
         """Fraction of training spots held out for validation (``split.val_fraction`` by default)."""
