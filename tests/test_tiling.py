@@ -93,11 +93,13 @@ def test_streamed_h5ad_equals_in_memory_prediction(tmp_path, method):
     disk = predict_streaming(run, smp, batch_size=7, chunk_spots=10, out=out)
     assert disk.isbacked and out.is_file() and not list(tmp_path.glob("*.tmp*"))
     np.testing.assert_allclose(np.asarray(disk.X[:]), mem.X, rtol=1e-5, atol=1e-6)
-    if method == "cmrcnet":
-        np.testing.assert_allclose(np.asarray(disk.layers["uncertainty"][:]), mem.layers["uncertainty"], rtol=1e-5, atol=1e-6)
-    else:
-        assert "uncertainty" not in disk.layers
     back = ad.read_h5ad(out)  # a plain h5ad for scanpy/squidpy
+    np.testing.assert_array_equal(back.layers["predicted"], back.X)
+    if method == "cmrcnet":
+        np.testing.assert_allclose(back.layers["uncertainty"], mem.layers["uncertainty"], rtol=1e-5, atol=1e-6)
+    else:  # regression: no uncertainty, stated as NaN (in memory and on disk alike)
+        assert np.isnan(back.layers["uncertainty"]).all() and np.isnan(mem.layers["uncertainty"]).all()
+        assert "NaN" in back.uns["cmrcnet"]["uncertainty"] and "NaN" in mem.uns["cmrcnet"]["uncertainty"]
     assert back.shape == mem.shape and list(back.obs_names) == list(mem.obs_names)
     np.testing.assert_allclose(back.obsm["spatial"], mem.obsm["spatial"])
     assert back.uns["cmrcnet"]["method"] == method

@@ -7,10 +7,13 @@ Errors of type :class:`cmrcnet.errors.CmrcnetError` are printed as one line, exi
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cmrcnet.errors import CmrcnetError
 
@@ -22,6 +25,51 @@ app = typer.Typer(
     add_completion=False,
 )
 err_console = Console(stderr=True)
+
+
+class _PipeConsole(Console):
+    """stdout redirected or piped: lines are not wrapped and each table is rendered as wide as
+    its content, so nothing is truncated or folded (``cmrcnet datasets > file``)."""
+
+    def print(self, *objects, **kwargs) -> None:  # type: ignore[override]
+        from rich.measure import Measurement
+
+        need = 80
+        for o in objects:
+            if not isinstance(o, str) and hasattr(o, "__rich_measure__"):
+                need = max(need, Measurement.get(self, self.options.update_width(1_000_000), o).maximum)
+        kwargs.setdefault("soft_wrap", True)
+        old = self.width
+        self.width = need
+        try:
+            super().print(*objects, **kwargs)
+        finally:
+            self.width = old
+
+
+def stdout_console(**kwargs) -> Console:
+    """The console commands print results on: rich's on a terminal, else a :class:`_PipeConsole`."""
+    c = Console(**kwargs)
+    return c if c.is_terminal else _PipeConsole(**kwargs)
+
+#: Texts of the warnings already shown: a warning that is also logged (or repeated) prints once.
+_shown: set[str] = set()
+
+
+def _version(value: bool) -> None:
+    if value:
+        import cmrcnet
+
+        typer.echo(f"cmrcnet {cmrcnet.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Predict spatially resolved gene expression from H&E histology."""
 
 
 _registered = False
@@ -41,18 +89,45 @@ def _register() -> None:
     bench.register(app)
 
 
+def show_warning_once(text: str) -> None:
+    """Print ``warning: text`` on stderr unless that text was already shown (as a warning or a log)."""
+    text = str(text).strip()
+    if text in _shown:
+        return
+    _shown.add(text)
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", text), highlight=False, soft_wrap=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings about the user's data are one readable line, not a source excerpt."""
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    show_warning_once(str(message))
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM / SIGHUP (``kill``, a batch scheduler's time limit): unwind like Ctrl-C, so atomic
+    writes remove their temporary files instead of leaving them behind."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> None:
     import warnings
 
     warnings.showwarning = _show_warning
+    _shown.clear()
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                if signal.getsignal(sig) not in (signal.SIG_IGN,):  # keep nohup's ignored SIGHUP
+                    signal.signal(sig, _terminate)
+            except ValueError:  # not the main thread (tests calling main from a thread)
+                pass
     _register()
     try:
         app(args=argv, standalone_mode=True)
     except CmrcnetError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: stopped; no partial output file was kept",
+                          highlight=False, soft_wrap=True)
+        sys.exit(130)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from cmrcnet.cli import stdout_console
 from cmrcnet.models import available_methods
 
-console = Console()
+console = stdout_console()
 
 
 def benchmark_cmd(
@@ -69,11 +69,18 @@ def benchmark_cmd(
         console.print(f"report: {html} and {md}")
 
 
-def report_cmd(bench_dir: Path = typer.Argument(..., help="Benchmark directory.")) -> None:
-    """Tables, figures and one self-contained HTML page for a benchmark directory."""
+def report_cmd(
+    bench_dir: Path = typer.Argument(..., help="Benchmark directory (or any folder of prediction .h5ad files)."),
+    allow_incomplete: bool = typer.Option(
+        False, "--allow-incomplete",
+        help="Compare methods even if they were scored on different held-out samples or seeds (the report says so)."),
+) -> None:
+    """Tables, figures and one self-contained HTML page for a benchmark directory.
+
+    Prediction files are found by content (an .h5ad with layers 'predicted' and 'observed'), whatever their name."""
     from cmrcnet.report import build_report
 
-    html, md = build_report(bench_dir)
+    html, md = build_report(bench_dir, allow_incomplete=allow_incomplete)
     console.print(f"report: {html} and {md}")
 
 
