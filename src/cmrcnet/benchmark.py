@@ -208,7 +208,9 @@ def run_benchmark(
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     root = Path(out)
-    base = make_config(spec.methods[0] if spec.methods else "cmrcnet", spec.preset, {"data.path": spec.data, **({"data.dataset": spec.dataset} if spec.dataset else {})})
+    data_ov = {k: v for k, v in spec.overrides.items() if k.startswith("data.")}  # e.g. data.skip_bad_samples
+    base = make_config(spec.methods[0] if spec.methods else "cmrcnet", spec.preset,
+                       {**data_ov, "data.path": spec.data, **({"data.dataset": spec.dataset} if spec.dataset else {})})
     samples = load_samples(base)
     folds, all_jobs = plan_jobs(spec, samples)
     selected = all_jobs

@@ -28,11 +28,15 @@ err_console = Console(stderr=True)
 
 
 class _PipeConsole(Console):
-    """stdout redirected or piped: lines are not wrapped and each table is rendered as wide as
-    its content, so nothing is truncated or folded (``cmrcnet datasets > file``)."""
+    """When stdout is redirected or piped, lines are not wrapped and each table is rendered as wide
+    as its content, so nothing is truncated or folded (``cmrcnet datasets > file``); on a terminal
+    it is rich's console."""
 
     def print(self, *objects, **kwargs) -> None:  # type: ignore[override]
         from rich.measure import Measurement
+
+        if self.is_terminal:
+            return super().print(*objects, **kwargs)
 
         need = 80
         for o in objects:
@@ -48,9 +52,8 @@ class _PipeConsole(Console):
 
 
 def stdout_console(**kwargs) -> Console:
-    """The console commands print results on: rich's on a terminal, else a :class:`_PipeConsole`."""
-    c = Console(**kwargs)
-    return c if c.is_terminal else _PipeConsole(**kwargs)
+    """The console commands print results on (see :class:`_PipeConsole`)."""
+    return _PipeConsole(**kwargs)
 
 #: Texts of the warnings already shown: a warning that is also logged (or repeated) prints once.
 _shown: set[str] = set()
@@ -105,7 +108,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _terminate(signum, frame) -> None:
     """SIGTERM / SIGHUP (``kill``, a batch scheduler's time limit): unwind like Ctrl-C, so atomic
-    writes remove their temporary files instead of leaving them behind."""
+    writes remove their temporary files instead of leaving them behind (exit code 130)."""
+    sys.stderr.write(f"interrupted: signal {signum}; stopping, no partial output file is kept\n")
+    sys.stderr.flush()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -114,11 +119,12 @@ def main(argv: list[str] | None = None) -> None:
 
     warnings.showwarning = _show_warning
     _shown.clear()
+    previous = {}
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             try:
-                if signal.getsignal(sig) not in (signal.SIG_IGN,):  # keep nohup's ignored SIGHUP
-                    signal.signal(sig, _terminate)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # keep nohup's ignored SIGHUP
+                    previous[sig] = signal.signal(sig, _terminate)
             except ValueError:  # not the main thread (tests calling main from a thread)
                 pass
     _register()
@@ -127,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     except CmrcnetError as e:
         err_console.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: stopped; no partial output file was kept",
-                          highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:  # typer turns it into exit code 130 itself; this is a fallback
         sys.exit(130)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

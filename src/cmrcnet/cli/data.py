@@ -152,13 +152,13 @@ def convert(
 @app.command("synthetic")
 def synthetic(
     dest: Path = typer.Argument(..., help="Destination folder (HEST-1k layout)."),
-    n_samples: int = typer.Option(4, "--n-samples", min=1),
-    n_patients: int = typer.Option(2, "--n-patients", min=1),
-    n_spots: int = typer.Option(150, "--n-spots", min=1),
-    n_genes: int = typer.Option(60, "--n-genes", min=1),
+    n_samples: int = typer.Option(4, "--n-samples", min=1, help="Number of samples (sections)."),
+    n_patients: int = typer.Option(2, "--n-patients", min=1, help="Patients the samples are spread over."),
+    n_spots: int = typer.Option(150, "--n-spots", min=1, help="Spots per sample."),
+    n_genes: int = typer.Option(60, "--n-genes", min=1, help="Genes per sample."),
     px_per_spot: int = typer.Option(20, "--px-per-spot", min=2, help="Spot pitch in pixels."),
     platform: str = typer.Option("legacy-st", "--platform", help="legacy-st (square grid) or visium (hexagonal)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the synthetic images and counts."),
 ) -> None:
     """Write a small synthetic dataset whose expression is predictable from the image."""
     from cmrcnet.data.synthetic import GEOMETRY, make_synthetic_dataset

@@ -75,11 +75,14 @@ def normalize_log1p(adata: ad.AnnData, target_sum: float | None = 1e4) -> ad.Ann
 
 # -- highly variable genes ---------------------------------------------------------------
 def _column_variance(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """Per-column variance in float64 (E[x^2] - E[x]^2 in float32 leaves ~1e-5 on a constant
+    column of log1p values, which then passed as "variable")."""
     if sp.issparse(x):
-        x = sp.csr_matrix(x)
+        x = sp.csr_matrix(x, dtype=np.float64)
         mean = np.asarray(x.mean(axis=0)).ravel()
         sq = np.asarray(x.multiply(x).mean(axis=0)).ravel()
-        return np.maximum(sq - mean**2, 0.0)
+        var = np.maximum(sq - mean**2, 0.0)
+        return np.where(var > 1e-9 * np.maximum(sq, 1.0), var, 0.0)  # cancellation noise of a constant column
     return np.asarray(x, dtype=np.float64).var(axis=0)
 
 

@@ -456,7 +456,6 @@ def train(
     if resume and (run_dir / "done.json").is_file():
         log.info("run %s already complete; skipping", run_dir)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     samples = samples if samples is not None else load_samples(cfg)
@@ -469,6 +468,7 @@ def train(
     train_ids = train_ids if train_ids is not None else [i for i in ids if i not in test_ids]
     if not train_ids:
         raise InputError(f"no training sample left after holding out {', '.join(test_ids)}{why}", cfg.data.path)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     fold = prepare_fold(samples, train_ids, list(test_ids), cfg, run_dir)
     write_text_atomic(run_dir / "genes.txt", "\n".join(fold.genes) + "\n")
