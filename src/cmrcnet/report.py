@@ -52,7 +52,7 @@ CONVENTIONS = (
     "HEG/HVG sets are the top-k genes by mean / variance in each held-out sample's own ground truth, "
     "among the predicted genes. Averages: over the genes of a set, then over held-out samples "
     "(folds), then {seeds}; 'sd over samples' columns give the sd over held-out samples of "
-    "each sample's mean over seeds. {best}"
+    "each sample's {sample_mean}. {best}"
 )
 
 
@@ -103,7 +103,8 @@ def _write_csv(df: pd.DataFrame, path: Path, index: bool = True) -> Path:
 
 def _tables(coll: Collection, out_dir: Path, rank: bool = True) -> list[ReportItem]:
     s = coll.summary
-    spread = spread_words(int(coll.runs["seed"].nunique()) if len(coll.runs) else 1)
+    n_seeds = int(coll.runs["seed"].nunique()) if len(coll.runs) else 1
+    spread = spread_words(n_seeds)
     items = [
         ReportItem("Table 1 — top-50 genes and marker genes (PCC)",
                    "Mean PCC over genes of each held-out sample's HEG-50 / HVG-50 and the dataset's "
@@ -115,7 +116,7 @@ def _tables(coll: Collection, out_dir: Path, rank: bool = True) -> list[ReportIt
                    "'k used' shows the k actually available; regression methods use their only prediction.",
                    table2(s)),
         ReportItem("Table 3 — five best-predicted genes per method",
-                   "Mean PCC over folds and seeds among all predicted genes; a gene must be scored in "
+                   f"Mean PCC over folds{' and seeds' if n_seeds > 1 else ''} among all predicted genes; a gene must be scored in "
                    "every run of the method.", top_genes(coll.genes, n=5)),
         ReportItem("All predicted genes",
                    "Mean PCC, Spearman and MSE over every predicted gene (the set behind most published "
@@ -241,13 +242,15 @@ def _align(preds: dict[str, Any]) -> dict[str, Any]:
 def _figures(coll: Collection, out_dir: Path, max_spatial_genes: int) -> list[ReportItem]:
     items: list[ReportItem] = []
     main_genes = smallest_k(main_runs(coll.genes))
+    n_seeds = int(coll.runs["seed"].nunique()) if len(coll.runs) else 1
     for set_name in ("HEG50", "HVG50"):
         if set_name in main_genes.columns:
             path = out_dir / f"fig2_boxplot_{set_name}.png"
             plots.boxplot_pcc(main_genes, set_name, out=path)
             items.append(ReportItem(f"Fig. 2 — per-gene PCC, {set_name}",
-                                    "One box per method (its smallest k) and held-out sample; genes averaged over "
-                                    "seeds; triangle = mean.",
+                                    "One box per method (its smallest k) and held-out sample"
+                                    + (f"; genes averaged over {n_seeds} seeds" if n_seeds > 1 else "; one seed")
+                                    + "; triangle = mean.",
                                     figure=path))
     reps = representative_runs(coll.runs)
     several = len(reps) > 1
@@ -263,7 +266,6 @@ def _figures(coll: Collection, out_dir: Path, max_spatial_genes: int) -> list[Re
     if len(abl):
         path = out_dir / "fig_ablation.png"
         plots.ablation_plot(abl, TABLE1_SETS, out=path)
-        n_seeds = int(coll.runs["seed"].nunique()) if len(coll.runs) else 1
         items.append(ReportItem("Ablation variants", f"{spread_words(n_seeds)[0].upper()}{spread_words(n_seeds)[1:]} "
                                 "per variant.", figure=path))
     return items
@@ -317,7 +319,8 @@ def _notes(coll: Collection, problems: list[str] | None = None) -> list[str]:
     best = ("Best value per column in bold." if not problems else
             "Best value per column in bold, although the methods were not scored on the same runs (asked for "
             "with --allow-incomplete).")
-    notes = [CONVENTIONS.format(seeds=spread_words(n_seeds), best=best)]
+    notes = [CONVENTIONS.format(seeds=spread_words(n_seeds), best=best,
+                                sample_mean="mean over seeds" if n_seeds > 1 else "score")]
     for p in problems or []:
         notes.append(f"INCOMPLETE COMPARISON (reported because --allow-incomplete was given): {p}. Differences "
                      "between these rows may come from which samples and seeds were scored, not from the methods.")
