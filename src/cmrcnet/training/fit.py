@@ -281,40 +281,10 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
 
 
 def epoch_log_callback(name: str):
-    """A Lightning callback logging ``training NAME: epoch 3/8 (12.1 s/epoch, 41 steps/s), train/loss
-    0.512, val/loss 0.530, ETA 1m 00s`` on ``cmrcnet.progress`` at the end of every epoch."""
-    from lightning.pytorch.callbacks import Callback
+    """The plain per-epoch progress line of a run off a terminal (:class:`cmrcnet.training.lit.EpochLog`)."""
+    from cmrcnet.training.lit import EpochLog
 
-    from cmrcnet.progress import format_duration
-    from cmrcnet.progress import log as progress_log
-
-    class EpochLog(Callback):
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if not hasattr(self, "t0"):
-                self.t0, self.step0, self.epoch0 = time.perf_counter(), trainer.global_step, trainer.current_epoch
-
-        def on_validation_epoch_end(self, trainer, pl_module) -> None:
-            self._report(trainer)
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if not trainer.val_dataloaders:
-                self._report(trainer)
-
-        def _report(self, trainer) -> None:
-            if trainer.sanity_checking or not hasattr(self, "t0"):
-                return
-            done = trainer.current_epoch + 1
-            total = trainer.max_epochs or done
-            dt = time.perf_counter() - self.t0
-            per_epoch = dt / max(1, done - self.epoch0)
-            steps = (trainer.global_step - self.step0) / max(dt, 1e-9)
-            losses = ", ".join(f"{k} {float(v):.4g}" for k, v in trainer.callback_metrics.items()
-                               if k in ("train/loss", "val/loss"))
-            progress_log.info("training %s: epoch %d/%d (%.1f s/epoch, %.1f steps/s)%s, ETA %s", name, done, total,
-                              per_epoch, steps, f", {losses}" if losses else "",
-                              format_duration(per_epoch * max(0, total - done)))
-
-    return EpochLog()
+    return EpochLog(name)
 
 
 def fit_by_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_dir: Path, resume: bool) -> dict:
