@@ -483,6 +483,7 @@ def test_line_progress_has_rate_and_eta(caplog) -> None:
     assert msgs[-1].startswith("cutting patches of X: 40 patches in")
 
 
+@pytest.mark.slow
 def test_training_epochs_logged_off_a_terminal(tmp_path, capsys, monkeypatch) -> None:
     root = _hest(tmp_path / "hest", n_samples=2, n_spots=24)
     code, _, err = run_cli(["train", "--data", root, "--test", "SYN2", "--method", "stnet", "--preset", "tiny",
