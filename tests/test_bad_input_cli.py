@@ -550,3 +550,13 @@ def test_tables_not_truncated_in_a_pipe_subprocess(tmp_path) -> None:
                            text=True, env=env, timeout=120)
     text = (tmp_path / "out.txt").read_text()
     assert r.returncode == 0 and "…" not in text and "NCBI783, NCBI785, TENX95, TENX99" in text
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["predict", "--run", "x", "--out", "y.h5ad", "--top-k", "0"], "--top-k"),
+    (["train", "--test", "A", "--out", "r"], "Missing option '--data'"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_are_one_line(args, needle, capsys) -> None:
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "--help" in err

@@ -274,7 +274,8 @@ def _fold_process_main(argv: list[str]) -> int:
     ap.add_argument("root", type=Path)
     ap.add_argument("--fold", type=int, required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("cmrcnet.progress").setLevel(logging.INFO)  # patch cutting, epochs: rate and ETA in the log
 
     def on_job(job: Job, status: str, dt: float) -> None:
         print(f"{status} {job.name} seed={job.seed} fold={job.fold} (test {','.join(job.test_ids)}) {dt:.1f} s", flush=True)

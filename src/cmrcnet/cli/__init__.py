@@ -129,12 +129,34 @@ def main(argv: list[str] | None = None) -> None:
                 pass
     _register()
     try:
-        app(args=argv, standalone_mode=True)
+        from typer._click import exceptions as cx
+    except ImportError:  # typer releases that use click itself
+        from click import exceptions as cx
+    try:
+        rv = app(args=argv, standalone_mode=False)
     except CmrcnetError as e:
-        err_console.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False, soft_wrap=True)
+        _error(str(e))
         sys.exit(2)
     except KeyboardInterrupt:  # typer turns it into exit code 130 itself; this is a fallback
         sys.exit(130)
+    except cx.UsageError as e:  # a missing or malformed option: one line too, not a usage box
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()
+        else:
+            cmd = e.ctx.command_path if getattr(e, "ctx", None) is not None else "cmrcnet"
+            _error(f"{e.format_message()} (see '{cmd} --help')")
+        sys.exit(e.exit_code)
+    except cx.ClickException as e:
+        _error(e.format_message())
+        sys.exit(e.exit_code)
+    except cx.Abort:
+        _error("aborted")
+        sys.exit(1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _error(text: str) -> None:
+    err_console.print(Text.assemble(("error:", "bold red"), " ", text), highlight=False, soft_wrap=True)
