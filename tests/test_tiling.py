@@ -125,7 +125,7 @@ def test_predict_image_grid_cli(tmp_path):
     assert out.with_suffix(".maps.png").is_file()
 
 
-@pytest.mark.parametrize("method", ["cmrcnet", "stnet"])
+@pytest.mark.parametrize("method", [pytest.param("cmrcnet", marks=pytest.mark.slow), "ridge"])
 def test_streamed_h5ad_equals_in_memory_prediction(tmp_path, method):
     """Whole-slide output is written block by block (bounded memory); the file must hold
     exactly what the in-memory path returns, chunk boundaries included."""

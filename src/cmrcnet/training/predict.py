@@ -327,9 +327,11 @@ def predict_sample(
 ) -> ad.AnnData:
     """Predict every spot of ``sample`` from its cached patches; ``layers["observed"]`` holds its
     measured expression when known. ``predictor`` defaults to the run's (see :meth:`TrainedRun.predictor_for`)."""
-    from cmrcnet.training.fit import spot_table
+    from cmrcnet.training.fit import check_gene_overlap, spot_table
 
     has_counts = sample.adata.n_vars > 0
+    if has_counts:
+        check_gene_overlap([sample], run.genes)  # e.g. a mouse section given to a human run
     if table is None:
         table = spot_table(sample, run.genes, run.cfg, with_expr=has_counts)
     sink = ArraySink(len(table), len(run.genes))
