@@ -172,7 +172,7 @@ def test_visium_roundtrip(visium_samples, tmp_path: Path, matrix: str, positions
     assert (r.platform, r.spot_diameter_um, r.pitch_um, r.pixel_size_source) == ("visium", 55.0, 100.0, "metadata")
     assert r.image.size == s.image.size and r.image.size[0] != r.image.size[1]  # x/y not swapped
     attach_lowres(r, max_side=64)
-    assert r.adata.uns["spatial"]["V1"]["images"]["lowres"].shape[1] == 64
+    assert r.adata.uns["spatial"]["V1"]["images"]["hires"].shape[1] == 64
 
 
 def test_visium_her2st_c2_exact(her2st_c2, tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ def test_build_report_outputs(report: tuple[Path, Path, Path]) -> None:
     uri = re.search(r'src="data:image/png;base64,([^"]+)"', text).group(1)
     assert imread(io.BytesIO(base64.b64decode(uri))).ndim == 3
     md = md_path.read_text()
-    assert "| label | HEG50 | HEG50 fold sd | HVG50 | HVG50 fold sd | markers | markers fold sd | seeds | samples |" in md
+    assert ("| label | HEG50 (mean ± sd, 2 seeds) | HEG50 sd over samples | HVG50 (mean ± sd, 2 seeds) | "
+            "HVG50 sd over samples | markers (mean ± sd, 2 seeds) | markers sd over samples | seeds | samples |") in md
     assert "](fig2_boxplot_HEG50.png)" in md
     for name in ("table1.csv", "table2.csv", "table3_top_genes.csv", "table5_ablation.csv", "runs.csv",
                  "per_run_summary.csv", "per_gene_metrics.csv", "fig4_gene_correlation_HVG50.png",

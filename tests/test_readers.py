@@ -317,12 +317,17 @@ def test_truncated_jpeg_body(st_dir: Path) -> None:
         verify_image(s)  # ...and decoding catches the truncated body
 
 
-def test_attach_lowres() -> None:
+def test_attach_images_hires_and_lowres() -> None:
+    from cmrcnet.data.readers import attach_images
+
     s = _small_sample()
-    attach_lowres(s, max_side=100)
+    attach_images(s, hires_side=100, lowres_side=50)
     entry = s.adata.uns["spatial"]["A1"]
-    img = entry["images"]["lowres"]
     sf = entry["scalefactors"]
-    assert img.dtype == np.uint8 and max(img.shape[:2]) == 100 and img.shape[2] == 3
-    assert sf["tissue_lowres_scalef"] == sf["tissue_hires_scalef"] == pytest.approx(100 / 140)
+    for key, side in (("hires", 100), ("lowres", 50)):
+        img = entry["images"][key]
+        assert img.dtype == np.uint8 and max(img.shape[:2]) == side and img.shape[2] == 3
+        assert sf[f"tissue_{key}_scalef"] == pytest.approx(side / 140)
     assert sf["spot_diameter_fullres"] == pytest.approx(s.spot_diameter_px)
+    attach_lowres(s, max_side=70)  # the older name: hires of that side, and a lowres
+    assert max(s.adata.uns["spatial"]["A1"]["images"]["hires"].shape[:2]) == 70

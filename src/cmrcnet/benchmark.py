@@ -208,7 +208,9 @@ def run_benchmark(
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     root = Path(out)
-    base = make_config(spec.methods[0] if spec.methods else "cmrcnet", spec.preset, {"data.path": spec.data, **({"data.dataset": spec.dataset} if spec.dataset else {})})
+    data_ov = {k: v for k, v in spec.overrides.items() if k.startswith("data.")}  # e.g. data.skip_bad_samples
+    base = make_config(spec.methods[0] if spec.methods else "cmrcnet", spec.preset,
+                       {**data_ov, "data.path": spec.data, **({"data.dataset": spec.dataset} if spec.dataset else {})})
     samples = load_samples(base)
     folds, all_jobs = plan_jobs(spec, samples)
     selected = all_jobs
@@ -272,7 +274,8 @@ def _fold_process_main(argv: list[str]) -> int:
     ap.add_argument("root", type=Path)
     ap.add_argument("--fold", type=int, required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("cmrcnet.progress").setLevel(logging.INFO)  # patch cutting, epochs: rate and ETA in the log
 
     def on_job(job: Job, status: str, dt: float) -> None:
         print(f"{status} {job.name} seed={job.seed} fold={job.fold} (test {','.join(job.test_ids)}) {dt:.1f} s", flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,25 +30,36 @@ class DataConfig:
     """Name of a dataset manifest (``cmrcnet datasets``) selecting samples and markers."""
     cache_dir: str | None = None
     """Patch cache folder; default ``$CMRCNET_CACHE`` or ``~/.cache/cmrcnet``."""
+    skip_bad_samples: bool = False
+    """Go on without a sample that cannot be read (one warning per skipped sample); by default
+    an unreadable sample is an error naming it and the missing or broken file."""
+
+
+def _f(default: Any, **check: Any) -> Any:
+    """A field with a range check: ``min``/``max`` (inclusive), ``gt``/``lt`` (exclusive), ``choices``,
+    ``or_values`` (extra allowed values such as ``-1`` for "no limit"); see :func:`check_value`."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
 
 
 @dataclass
 class PatchConfig:
-    size_um: float = 112.0
+    size_um: float = _f(112.0, gt=0)
     """Physical side of the square patch around each spot (HEST: 224 px at 0.5 um/px)."""
-    size_px: int = 224
+    size_px: int = _f(224, min=8, max=4096)
     """Side in pixels of the model input the patch is resampled to."""
 
 
 @dataclass
 class GeneConfig:
-    n_hvg: int = 1000
+    n_hvg: int = _f(1000, min=1)
     """Top-N highly variable genes per sample."""
-    selection: str = "train"
+    selection: str = _f("train", choices=("train", "all"))
     """``train``: HVGs of training samples only (no leakage); ``all``: the paper's union over all samples."""
-    combine: str = "union"
+    combine: str = _f("union", choices=("union", "intersection"))
     """How per-sample HVG lists are combined: ``union`` or ``intersection``."""
-    target_sum: float | None = 1e4
+    target_sum: float | None = _f(1e4, gt=0)
     """normalize_total target; None = median of total counts (scanpy default)."""
     include_markers: bool = True
     """Add the dataset's marker genes to the predicted gene set when present."""
@@ -57,33 +69,35 @@ class GeneConfig:
 
 @dataclass
 class SplitConfig:
-    scheme: str = "loo-sample"
+    scheme: str = _f("loo-sample", choices=("loo-sample", "loo-patient"))
     """``loo-sample`` or ``loo-patient``."""
-    val_fraction: float = 0.1
+    val_fraction: float = _f(0.1, min=0.0, max=0.9)
     """Fraction of training spots held out for validation (best checkpoint)."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    min_lr: float = 1e-5
+    epochs: int = _f(60, min=1)
+    batch_size: int = _f(64, min=1)
+    lr: float = _f(1e-4, gt=0)
+    weight_decay: float = _f(1e-3, min=0.0)
+    min_lr: float = _f(1e-5, min=0.0)
     """Cosine schedule floor."""
-    precision: str = "32-true"
+    precision: str = _f("32-true", choices=("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+                                            "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64"))
     """Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed``."""
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = _f(1, min=1)
     augment: bool = True
     """Random flips and 90-degree rotations."""
-    num_workers: int = 0
+    num_workers: int = _f(0, min=0)
     accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
+    devices: int | str = _f(1, min=1, or_values=(-1,))
+    """Number of devices (-1: all), or a Lightning string such as ``auto`` or ``0,1``."""
+    num_nodes: int = _f(1, min=1)
     strategy: str = "auto"
-    max_steps: int = -1
+    max_steps: int = _f(-1, min=1, or_values=(-1,))
     """Stop after this many optimiser steps (-1: no limit), for smoke tests."""
-    val_check_interval: float = 1.0
+    val_check_interval: float = _f(1.0, gt=0)
     channels_last: bool = False
     shuffle_labels: bool = False
     """Negative control: permute expression across training spots (breaks image-expression pairing)."""
@@ -91,20 +105,20 @@ class TrainConfig:
 
 @dataclass
 class RetrievalConfig:
-    top_k: int = 50
-    weighting: str = "mean"
+    top_k: int = _f(50, min=1)
+    weighting: str = _f("mean", choices=("mean", "similarity"))
     """``mean`` (paper) or ``similarity`` (softmax-free cosine-weighted mean)."""
-    backend: str = "auto"
+    backend: str = _f("auto", choices=("auto", "torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"))
     """``auto``, ``torch`` (exact), ``faiss-flat`` (exact), ``faiss-ivf``, ``faiss-ivfpq``, ``faiss-hnsw``."""
-    auto_exact_max: int = 2_000_000
+    auto_exact_max: int = _f(2_000_000, min=1)
     """``auto`` uses exact search up to this bank size (torch to 50k rows, FAISS flat above), an
     approximate index (IVF-PQ) beyond."""
-    exact_precision: str = "auto"
+    exact_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
     """Exact (torch) search scoring: ``fp32`` (= ``auto``) or ``bf16`` (bf16 candidates re-ranked
     in fp32, uncertain rows redone in fp32: still exact; faster only on well-spread banks)."""
     index: dict[str, Any] = field(default_factory=dict)
     """Approximate-index settings (``nlist``, ``nprobe``, ``pq_m``, ``k_factor``, ``M``, ``ef_search``)."""
-    embed_precision: str = "auto"
+    embed_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
     """Image embedding at prediction: ``fp32``, ``bf16`` or ``auto`` (bf16 when the run trained in
     bf16 and the device has native bf16 matmuls: 1.6x faster, 99.6 % identical neighbours)."""
 
@@ -113,7 +127,7 @@ class RetrievalConfig:
 class RunConfig:
     method: str = "cmrcnet"
     preset: str = "cpu"
-    seed: int = 0
+    seed: int = _f(0, min=0, max=2**32 - 1)
     data: DataConfig = field(default_factory=DataConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
     genes: GeneConfig = field(default_factory=GeneConfig)
@@ -164,61 +178,176 @@ def _section_types() -> dict[str, type]:
     return {f.name: f.type for f in fields(RunConfig)}
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Convert a string override to the type of the current value."""
-    if not isinstance(value, str):
-        return value
-    parsed = yaml.safe_load(value) if value != "" else ""
-    if current is None or isinstance(current, (list, dict)):
-        return parsed
-    if isinstance(current, bool):
+# -- typed values -------------------------------------------------------------------------------
+def field_types(cls: type) -> dict[str, Any]:
+    """``{field: resolved type}`` of a dataclass (annotations are strings under ``from __future__``)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: no type check for that class
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    import types
+    import typing
+
+    if tp is Any:
+        return "any value"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "text", type(None): "null",
+             list: "a list", dict: "a mapping"}
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (a ``--set`` string, or a YAML / Python value) converted to type ``tp``; ConfigError
+    naming ``key`` when it is not of that type (``train.epochs=abc``, ``train.lr=fast``, ...)."""
+    import types
+    import typing
+
+    if tp is Any:
+        return yaml.safe_load(value) if isinstance(value, str) and value != "" else value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if _is_null(value) and type(None) in args:
+            return None
+        concrete = [a for a in args if a is not type(None)]
+        # try the strictest type first: an integer before a string (``devices=2`` vs ``auto``)
+        order = sorted(concrete, key=lambda a: {bool: 0, int: 1, float: 2}.get(a, 3))
+        errors = []
+        for a in order:
+            try:
+                return coerce_value(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:  # ``float | None``: the float's own message (e.g. "finite")
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    parsed = yaml.safe_load(value) if isinstance(value, str) and value.strip() != "" else value
+    if tp is bool:
         if isinstance(parsed, bool):
             return parsed
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if isinstance(current, int) and not isinstance(current, bool):
-        if isinstance(parsed, int):
-            return parsed
-        if isinstance(parsed, str):  # e.g. devices=auto
-            return parsed
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if isinstance(current, float):
-        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
-            return float(parsed)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if isinstance(current, str):
-        return value
+    if tp is int:
+        if isinstance(parsed, bool) or not isinstance(parsed, (int, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(parsed, float):
+            if not (parsed == parsed and abs(parsed) != float("inf") and parsed.is_integer()):
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            parsed = int(parsed)
+        return parsed
+    if tp is float:
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 (no dot) and nan as text
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        if isinstance(parsed, bool) or not isinstance(parsed, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if parsed != parsed or parsed in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(parsed)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected text, got {value!r}")
+    if origin is list or tp is list:
+        if isinstance(parsed, str):  # genes.markers=ERBB2,GATA3
+            parsed = [p.strip() for p in parsed.split(",") if p.strip()]
+        if not isinstance(parsed, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [coerce_value(v, item, key) for v in parsed]
+    if origin is dict or tp is dict:
+        if parsed in ("", None):
+            return {}
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{nprobe: 16}}, got {value!r}")
+        return dict(parsed)
     return parsed
 
 
+def check_value(value: Any, check: dict[str, Any], key: str) -> None:
+    """Range / choice check of one value (see :func:`_f`); None (an unset optional) passes."""
+    if value is None or not check:
+        return
+    if "choices" in check and isinstance(value, str) and value not in check["choices"]:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, check['choices']))}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if value in check.get("or_values", ()):
+        return
+    extra = "".join(f" or {v}" for v in check.get("or_values", ()))
+    if "gt" in check and not value > check["gt"]:
+        raise ConfigError(f"{key}: must be > {check['gt']:g}{extra}, got {value!r}")
+    if "min" in check and value < check["min"]:
+        raise ConfigError(f"{key}: must be >= {check['min']:g}{extra}, got {value!r}")
+    if "max" in check and value > check["max"]:
+        raise ConfigError(f"{key}: must be <= {check['max']:g}{extra}, got {value!r}")
+    if "lt" in check and not value < check["lt"]:
+        raise ConfigError(f"{key}: must be < {check['lt']:g}{extra}, got {value!r}")
+
+
+def field_checks(cls: type) -> dict[str, dict[str, Any]]:
+    """``{field: range check}`` declared in the dataclass fields' ``metadata["check"]``."""
+    return {f.name: dict(f.metadata.get("check", {})) for f in fields(cls)}
+
+
+def typed_value(cls: type, name: str, value: Any, key: str) -> Any:
+    """``value`` for field ``name`` of dataclass ``cls``: coerced to its type, range-checked."""
+    tp = field_types(cls).get(name, Any)
+    out = coerce_value(value, tp, key)
+    check_value(out, field_checks(cls).get(name, {}), key)
+    return out
+
+
 def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
-    """Set ``section.key`` (or ``model.key``, or a top-level key) on ``cfg``, checking the key exists."""
+    """Set ``section.key`` (or ``model.key``, or a top-level key) on ``cfg``: the key must exist,
+    the value is converted to the field's type and range-checked (ConfigError otherwise)."""
     parts = dotted.split(".")
     if len(parts) == 1:
         name = parts[0]
-        if name not in {f.name for f in fields(RunConfig)} or name in _SECTIONS:
+        if name not in {f.name for f in fields(RunConfig)} or name in _SECTIONS or name == "model":
             raise ConfigError(f"unknown config key {dotted!r}")
-        setattr(cfg, name, _coerce(value, getattr(cfg, name), dotted))
+        setattr(cfg, name, typed_value(RunConfig, name, value, dotted))
         return
     section, key = parts[0], ".".join(parts[1:])
     if section == "model":
-        cur = cfg.model.get(key)
-        if _is_null(value):  # e.g. vit_depth=null when a preset's ViT is swapped for a CNN
-            cfg.model[key] = None
-            return
-        cfg.model[key] = _coerce(value, cur, dotted) if cur is not None else (
-            yaml.safe_load(value) if isinstance(value, str) else value
-        )
+        cfg.model[key] = _model_value(cfg.method, key, value, dotted)
         return
     if section not in _SECTIONS:
         raise ConfigError(f"unknown config section {section!r} in {dotted!r}")
     obj = getattr(cfg, section)
-    types = {f.name: str(f.type) for f in fields(obj)}
-    if key not in types:
-        raise ConfigError(f"unknown config key {dotted!r} (valid {section}.* keys: {', '.join(types)})")
-    if _is_null(value) and "None" in types[key]:
-        setattr(obj, key, None)
-        return
-    setattr(obj, key, _coerce(value, getattr(obj, key), dotted))
+    names = [f.name for f in fields(obj)]
+    if key not in names:
+        raise ConfigError(f"unknown config key {dotted!r} (valid {section}.* keys: {', '.join(names)})")
+    setattr(obj, key, typed_value(type(obj), key, value, dotted))
+
+
+def _model_value(method: str, key: str, value: Any, dotted: str) -> Any:
+    """A ``model.*`` value typed from the method's config dataclass (unknown keys are left to
+    :meth:`~cmrcnet.models.base.MethodSpec.validate_model_config`, which lists the valid ones)."""
+    if _is_null(value):  # e.g. vit_depth=null when a preset's ViT is swapped for a CNN
+        return None
+    try:
+        from cmrcnet.models import get_method
+
+        spec_cls = get_method(method).Config
+    except ConfigError:
+        spec_cls = None
+    if spec_cls is not None and key in {f.name for f in fields(spec_cls)}:
+        return typed_value(spec_cls, key, value, dotted)
+    return yaml.safe_load(value) if isinstance(value, str) and value != "" else value
 
 
 def _is_null(value: Any) -> bool:

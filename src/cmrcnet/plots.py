@@ -238,16 +238,19 @@ def correlation_heatmaps(obs: np.ndarray, preds: Mapping[str, np.ndarray], genes
 
 
 def _spatial_meta(adata: Any) -> tuple[np.ndarray | None, float, float | None]:
-    """(low-res image or None, coordinate scale to image pixels, spot diameter in those pixels or None)."""
+    """(image or None, coordinate scale to image pixels, spot diameter in those pixels or None):
+    the ``hires`` image where there is one, else ``lowres`` (scanpy's own preference)."""
     spatial = adata.uns.get("spatial", {}) or {}
     meta = dict(adata.uns.get("cmrcnet", {}) or {})
     key = str(meta.get("sample_id", ""))
     entry = spatial.get(key) if key in spatial else (next(iter(spatial.values())) if spatial else None)
     if not isinstance(entry, Mapping):
         return None, 1.0, None
-    img = (entry.get("images") or {}).get("lowres")
+    images = entry.get("images") or {}
     sf = dict(entry.get("scalefactors") or {})
-    scale = sf.get("tissue_lowres_scalef")
+    res = "hires" if images.get("hires") is not None and sf.get("tissue_hires_scalef") is not None else "lowres"
+    img = images.get(res)
+    scale = sf.get(f"tissue_{res}_scalef")
     if img is None or scale is None:
         d = sf.get("spot_diameter_fullres")
         return None, 1.0, float(d) if d else None

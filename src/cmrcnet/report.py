@@ -1,7 +1,10 @@
 """Benchmark report: tables (CSV), figures (PNG), one self-contained HTML page and a Markdown summary.
 
-``build_report(DIR)`` scores every ``pred*.h5ad`` under ``DIR`` and writes into
-``DIR/report/``. The HTML embeds its images as base64 data URIs so it can be
+``build_report(DIR)`` scores every prediction file under ``DIR`` (found by content: an
+``.h5ad`` with ``layers["predicted"]`` and ``layers["observed"]``) and writes into
+``DIR/report/``. Methods scored on different (seed, held-out sample) sets are not compared
+unless ``allow_incomplete=True`` (``cmrcnet report --allow-incomplete``), and the report then
+says so. The HTML embeds its images as base64 data URIs so it can be
 mailed or archived as a single file; the Markdown links the PNGs next to it.
 """
 
@@ -29,6 +32,7 @@ from cmrcnet.evaluation.summary import (
     constant_table,
     gene_selection_modes,
     main_runs,
+    mismatched_coverage,
     natural_key,
     scan,
     smallest_k,
@@ -47,9 +51,27 @@ CONVENTIONS = (
     "is constant has an undefined PCC, counted as 0 (as the authors do) and reported below. "
     "HEG/HVG sets are the top-k genes by mean / variance in each held-out sample's own ground truth, "
     "among the predicted genes. Averages: over the genes of a set, then over held-out samples "
-    "(folds), then mean ± sd over seeds; 'fold sd' columns give the sd over held-out samples of "
-    "each sample's mean over seeds. Best value per column in bold."
+    "(folds), then {seeds}; 'sd over samples' columns give the sd over held-out samples of "
+    "each sample's {sample_mean}. {best}"
 )
+
+
+def spread_words(n_seeds: int) -> str:
+    """What a value cell of the tables is: ``mean ± sd over 3 seeds``, or with one seed only a mean."""
+    return f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "the mean (one seed: no sd over seeds)"
+
+
+def _headers(table: pd.DataFrame) -> pd.DataFrame:
+    """Display headers saying what each column's spread is (sd over seeds / over held-out samples)."""
+    n_seeds = int(pd.to_numeric(table.get("seeds", pd.Series([1])), errors="coerce").max() or 1) if len(table) else 1
+    headers = {}
+    for c in table.attrs.get("display", []):
+        if str(c).endswith(" fold sd"):
+            headers[c] = f"{str(c)[: -len(' fold sd')]} sd over samples"
+        elif f"{c} mean" in table.columns:
+            headers[c] = f"{c} (mean ± sd, {n_seeds} seeds)" if n_seeds > 1 else f"{c} (mean, 1 seed)"
+    table.attrs["headers"] = headers
+    return table
 
 
 @dataclass
@@ -79,12 +101,14 @@ def _write_csv(df: pd.DataFrame, path: Path, index: bool = True) -> Path:
     return path
 
 
-def _tables(coll: Collection, out_dir: Path) -> list[ReportItem]:
+def _tables(coll: Collection, out_dir: Path, rank: bool = True) -> list[ReportItem]:
     s = coll.summary
+    n_seeds = int(coll.runs["seed"].nunique()) if len(coll.runs) else 1
+    spread = spread_words(n_seeds)
     items = [
         ReportItem("Table 1 — top-50 genes and marker genes (PCC)",
                    "Mean PCC over genes of each held-out sample's HEG-50 / HVG-50 and the dataset's "
-                   "marker genes; mean ± sd over seeds, and the sd over held-out samples ('fold sd'). "
+                   f"marker genes; {spread}, and the sd over held-out samples ('sd over samples'). "
                    "Retrieval methods: one row per number of "
                    "neighbours k (label suffix).", table1(s, TABLE1_SETS)),
         ReportItem("Table 2 — extended gene sets (PCC)",
@@ -92,14 +116,14 @@ def _tables(coll: Collection, out_dir: Path) -> list[ReportItem]:
                    "'k used' shows the k actually available; regression methods use their only prediction.",
                    table2(s)),
         ReportItem("Table 3 — five best-predicted genes per method",
-                   "Mean PCC over folds and seeds among all predicted genes; a gene must be scored in "
+                   f"Mean PCC over folds{' and seeds' if n_seeds > 1 else ''} among all predicted genes; a gene must be scored in "
                    "every run of the method.", top_genes(coll.genes, n=5)),
         ReportItem("All predicted genes",
                    "Mean PCC, Spearman and MSE over every predicted gene (the set behind most published "
                    "averages).", _metric_table(s)),
         ReportItem("Gene-gene correlation preservation (Fig. 4 numbers)",
                    "PCC between the upper triangles of the predicted and true gene-gene correlation "
-                   "matrices of each held-out sample's HEG-50 / HVG-50; mean ± sd over seeds.",
+                   f"matrices of each held-out sample's HEG-50 / HVG-50; {spread}.",
                    table1(s, ("HEG50", "HVG50"), metric="gene_corr_similarity")),
         ReportItem("Constant genes",
                    "Genes whose PCC was undefined (constant prediction or ground truth) and counted as 0, "
@@ -110,12 +134,57 @@ def _tables(coll: Collection, out_dir: Path) -> list[ReportItem]:
     if len(abl):
         items.append(ReportItem("Table 5 — ablation variants",
                                 "Runs with uns['cmrcnet']['variant'] (mask rate, reconstruction loss, "
-                                "reconstructed feature), at their smallest k; mean ± sd over seeds.", abl))
+                                f"reconstructed feature), at their smallest k; {spread}.", abl))
     names = ["table1", "table2", "table3_top_genes", "all_genes", "gene_corr_similarity", "constant_genes",
              "table5_ablation"]
     for item, name in zip(items, names):
         item.csv = _write_csv(item.table, out_dir / f"{name}.csv")
+        _headers(item.table).attrs["rank"] = rank
+    settings = settings_table(coll.runs)
+    items.insert(0, ReportItem("Run settings", "What each method's runs were trained with, from each prediction's "
+                               "uns['cmrcnet'] (run.json): preset, epochs, encoder, and every setting that differs "
+                               "from the preset ('overrides': --set, --config, ablation variant); the seeds and "
+                               "held-out samples scored.", settings,
+                               csv=_write_csv(settings, out_dir / "run_settings.csv")))
     return items
+
+
+def _values(col: pd.Series, none: str = "not recorded") -> str:
+    vals = sorted({str(v) for v in col if v is not None and not (isinstance(v, float) and np.isnan(v)) and str(v) != ""},
+                  key=natural_key)
+    return ", ".join(vals) if vals else none
+
+
+def _overrides_text(col: pd.Series) -> str:
+    import json
+
+    texts = {str(v) for v in col if isinstance(v, str)}
+    if not texts or texts == {""}:
+        return "not recorded"
+    parts = []
+    for t in sorted(texts):
+        d = json.loads(t) if t else {}
+        parts.append(", ".join(f"{k}={v}" for k, v in d.items()) if d else "none")
+    return " | ".join(dict.fromkeys(parts))
+
+
+def settings_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method label: preset, epochs, encoder, overrides, seeds and held-out samples."""
+    rows = {}
+    for label, g in runs.groupby("label", sort=False):
+        rows[label] = {
+            "preset": _values(g["preset"]),
+            "epochs": _values(g["epochs"]),
+            "encoder": _values(g["encoder"], none="-"),
+            "overrides": _overrides_text(g["overrides"]),
+            "seeds": _values(g["seed"]),
+            "held-out samples": _values(g["sample_id"]),
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table = table.loc[sorted(table.index, key=natural_key)] if len(table) else table
+    table.index.name = "label"
+    table.attrs.update(display=list(table.columns), best={})
+    return table
 
 
 def _metric_table(s: pd.DataFrame) -> pd.DataFrame:
@@ -173,13 +242,15 @@ def _align(preds: dict[str, Any]) -> dict[str, Any]:
 def _figures(coll: Collection, out_dir: Path, max_spatial_genes: int) -> list[ReportItem]:
     items: list[ReportItem] = []
     main_genes = smallest_k(main_runs(coll.genes))
+    n_seeds = int(coll.runs["seed"].nunique()) if len(coll.runs) else 1
     for set_name in ("HEG50", "HVG50"):
         if set_name in main_genes.columns:
             path = out_dir / f"fig2_boxplot_{set_name}.png"
             plots.boxplot_pcc(main_genes, set_name, out=path)
             items.append(ReportItem(f"Fig. 2 — per-gene PCC, {set_name}",
-                                    "One box per method (its smallest k) and held-out sample; genes averaged over "
-                                    "seeds; triangle = mean.",
+                                    "One box per method (its smallest k) and held-out sample"
+                                    + (f"; genes averaged over {n_seeds} seeds" if n_seeds > 1 else "; one seed")
+                                    + "; triangle = mean.",
                                     figure=path))
     reps = representative_runs(coll.runs)
     several = len(reps) > 1
@@ -195,7 +266,8 @@ def _figures(coll: Collection, out_dir: Path, max_spatial_genes: int) -> list[Re
     if len(abl):
         path = out_dir / "fig_ablation.png"
         plots.ablation_plot(abl, TABLE1_SETS, out=path)
-        items.append(ReportItem("Ablation variants", "Mean ± sd over seeds per variant.", figure=path))
+        items.append(ReportItem("Ablation variants", f"{spread_words(n_seeds)[0].upper()}{spread_words(n_seeds)[1:]} "
+                                "per variant.", figure=path))
     return items
 
 
@@ -241,9 +313,20 @@ def _sample_figures(rows: pd.DataFrame, out_dir: Path, suffix: str, where: str,
 # --------------------------------------------------------------------------- notes
 
 
-def _notes(coll: Collection) -> list[str]:
+def _notes(coll: Collection, problems: list[str] | None = None) -> list[str]:
     runs = coll.runs
-    notes = [CONVENTIONS]
+    n_seeds = int(runs["seed"].nunique()) if len(runs) else 1
+    best = ("Best value per column in bold." if not problems else
+            "Best value per column in bold, although the methods were not scored on the same runs (asked for "
+            "with --allow-incomplete).")
+    notes = [CONVENTIONS.format(seeds=spread_words(n_seeds), best=best,
+                                sample_mean="mean over seeds" if n_seeds > 1 else "score")]
+    for p in problems or []:
+        notes.append(f"INCOMPLETE COMPARISON (reported because --allow-incomplete was given): {p}. Differences "
+                     "between these rows may come from which samples and seeds were scored, not from the methods.")
+    presets, epochs = _values(runs["preset"]), _values(runs["epochs"])
+    notes.append(f"Run settings: preset {presets}; epochs {epochs}; encoders {_values(runs['encoder'], none='-')}; "
+                 f"overrides of the preset: {_overrides_text(runs['overrides'])} (per method: the Run settings table).")
     n_methods = runs["label"].nunique()
     notes.append(f"{len(runs)} prediction files scored: {n_methods} method labels, "
                  f"{runs['seed'].nunique()} seeds, {runs['sample_id'].nunique()} held-out samples.")
@@ -325,22 +408,33 @@ def render_markdown(content: ReportContent, md_path: Path) -> str:
 
 
 def build_report(bench_dir: str | Path, out_html: str | Path | None = None, out_md: str | Path | None = None,
-                 ks: tuple[int, ...] = DEFAULT_KS, max_spatial_genes: int = 4) -> tuple[Path, Path]:
+                 ks: tuple[int, ...] = DEFAULT_KS, max_spatial_genes: int = 4,
+                 allow_incomplete: bool = False) -> tuple[Path, Path]:
     """Score ``bench_dir`` and write tables, figures, ``report.html`` and ``report.md`` into ``bench_dir/report``.
 
-    Returns (html path, markdown path). Raises InputError when no prediction file can be scored.
+    Returns (html path, markdown path). Raises InputError when no prediction file can be scored,
+    and when the methods compared were scored on different (seed, held-out sample) sets, unless
+    ``allow_incomplete`` (the report then says so at the top).
     """
+    from cmrcnet.utils import check_writable_dir
+
     bench_dir = Path(bench_dir)
     out_dir = bench_dir / "report"
     coll = scan(bench_dir, ks=ks)
     if coll.runs.empty:
         why = "; ".join(f"{p}: {r}" for p, r in coll.skipped[:5])
-        raise InputError("no scorable pred*.h5ad files" + (f" ({why})" if why else ""), bench_dir)
+        raise InputError("no scorable prediction files (.h5ad with layers 'predicted' and 'observed')"
+                         + (f" ({why})" if why else ""), bench_dir)
+    problems = mismatched_coverage(coll.runs)
+    if problems and not allow_incomplete:
+        raise InputError("; ".join(problems) + ". Not ranking them: finish the benchmark (cmrcnet benchmark ... "
+                         "--resume), or pass --allow-incomplete to report anyway", bench_dir)
+    check_writable_dir(out_dir, "report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(coll.summary, out_dir / "per_run_summary.csv", index=False)
     _write_csv(coll.genes, out_dir / "per_gene_metrics.csv", index=False)
     _write_csv(coll.runs, out_dir / "runs.csv", index=False)
-    content = ReportContent(bench_dir=bench_dir, notes=_notes(coll))
+    content = ReportContent(bench_dir=bench_dir, notes=_notes(coll, problems))
     content.items = _tables(coll, out_dir) + _figures(coll, out_dir, max_spatial_genes)
     html_path = Path(out_html) if out_html is not None else out_dir / "report.html"
     md_path = Path(out_md) if out_md is not None else out_dir / "report.md"

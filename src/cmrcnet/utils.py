@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, seeding."""
+"""Small shared helpers: atomic writes, output checks, seeding."""
 
 from __future__ import annotations
 
@@ -33,6 +33,56 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe_writable(folder: Path, target: Path, option: str) -> None:
+    """Create and remove a temporary file in ``folder``: the one reliable test (read-only file
+    systems, permissions, quotas) before long work whose result would be written there."""
+    from cmrcnet.errors import InputError
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cmrcnet-write-test.", dir=folder)
+    except OSError as e:
+        raise InputError(f"{option}: cannot write in {folder} ({e.strerror or type(e).__name__})", target) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_writable_file(path: str | Path, option: str = "--out") -> Path:
+    """Raise InputError (naming ``option``) unless a file can be written at ``path``: it must not
+    be a directory, and its nearest existing parent must be a writable directory. Creates nothing."""
+    from cmrcnet.errors import InputError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{option} is a directory; give a file name, e.g. {path / 'pred.h5ad'}", path)
+    anc = _nearest_existing(path.parent)
+    if not anc.is_dir():
+        raise InputError(f"{option}: {anc} is a file, not a folder", path)
+    _probe_writable(anc, path, option)
+    return path
+
+
+def check_writable_dir(path: str | Path, option: str = "--out") -> Path:
+    """Raise InputError (naming ``option``) unless ``path`` is, or can be created as, a writable
+    directory. Creates nothing."""
+    from cmrcnet.errors import InputError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} is a file; give a folder", path)
+    anc = _nearest_existing(path)
+    if not anc.is_dir():
+        raise InputError(f"{option}: {anc} is a file, not a folder", path)
+    _probe_writable(anc, path, option)
+    return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

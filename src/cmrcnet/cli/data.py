@@ -18,16 +18,17 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from cmrcnet.cli import stdout_console
 from cmrcnet.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
+console = stdout_console()
 err_console = Console(stderr=True)
 
 
 def _wide() -> Console:
-    """The stdout console; at least 120 columns when not a terminal, so tables never squeeze."""
-    return console if console.is_terminal else Console(width=max(console.width, 120))
+    """The stdout console (tables as wide as their content when not a terminal)."""
+    return console
 
 
 @contextlib.contextmanager
@@ -40,7 +41,26 @@ def _shown_warnings() -> Iterator[None]:
         finally:
             for w in caught:
                 if issubclass(w.category, (UserWarning, RuntimeWarning)):
-                    err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+                    from cmrcnet.cli import show_warning_once
+
+                    show_warning_once(str(w.message))
+
+
+SKIP_HELP = "Go on without a sample that cannot be read (one warning each); default: stop, naming it."
+
+
+def _read_or_skip(path: Path, sid: str, fmt: str, skip_bad: bool, several: bool = True):
+    """``read_sample``, with the sample named in the error; None (and a warning) when skipping."""
+    from cmrcnet.data.readers import read_sample, sample_error
+
+    try:
+        return read_sample(path, sid, fmt)
+    except InputError as e:
+        if not skip_bad:
+            raise sample_error(sid, e, several) from None
+        where = f"{e.path}: " if e.path is not None else ""
+        warnings.warn(f"skipping sample {sid}: {where}{e.message}", UserWarning, stacklevel=2)
+        return None
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
@@ -54,10 +74,11 @@ def info(
     path: Path = typer.Argument(..., help="Dataset folder (her2st, legacy-st, visium or hest layout)."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Force a format instead of auto-detecting."),
     samples: Optional[str] = typer.Option(None, "--samples", help="Comma-separated sample ids (default: all)."),
-    check_images: bool = typer.Option(False, "--check-images", help="Decode every image fully (catches truncated files)."),
+    check_images: bool = typer.Option(False, "--check-images", help="Decode every image fully (catches damaged files)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad-samples", help=SKIP_HELP),
 ) -> None:
     """One row per sample: patient, spots, genes, image size, pixel size, spot diameter."""
-    from cmrcnet.data.readers import detect_format, list_sample_ids, read_sample, verify_image
+    from cmrcnet.data.readers import detect_format, list_sample_ids, verify_image
 
     fmt = fmt or detect_format(path)
     ids = _split(samples) or list_sample_ids(path, fmt)
@@ -69,7 +90,9 @@ def info(
         table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     with _shown_warnings():
         for sid in ids:
-            s = read_sample(path, sid, fmt)
+            s = _read_or_skip(path, sid, fmt, skip_bad, len(ids) > 1)
+            if s is None:
+                continue
             if check_images:
                 verify_image(s)
             w, h = s.image.size if s.image is not None else (0, 0)
@@ -107,16 +130,21 @@ def convert(
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Force the input format."),
     samples: Optional[str] = typer.Option(None, "--samples", help="Comma-separated sample ids (default: all)."),
     patches: bool = typer.Option(False, "--patches", help="Also write patches/{id}.h5 (112 um, 224 px)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad-samples", help=SKIP_HELP),
 ) -> None:
     """Convert a dataset to the HEST-1k layout, one sample at a time (bounded memory)."""
-    from cmrcnet.data.readers import detect_format, list_sample_ids, read_sample
+    from cmrcnet.data.readers import detect_format, list_sample_ids
     from cmrcnet.data.readers.hest import write_hest
+    from cmrcnet.utils import check_writable_dir
 
     fmt = fmt or detect_format(path)
     ids = _split(samples) or list_sample_ids(path, fmt)
+    check_writable_dir(to_hest, "--to-hest")
     with _shown_warnings():
         for sid in ids:
-            s = read_sample(path, sid, fmt)
+            s = _read_or_skip(path, sid, fmt, skip_bad, len(ids) > 1)
+            if s is None:
+                continue
             write_hest([s], to_hest, patches=patches)
             console.print(f"{sid}: {s.n_spots} spots, {s.n_genes} genes -> {to_hest}")
 
@@ -124,13 +152,13 @@ def convert(
 @app.command("synthetic")
 def synthetic(
     dest: Path = typer.Argument(..., help="Destination folder (HEST-1k layout)."),
-    n_samples: int = typer.Option(4, "--n-samples", min=1),
-    n_patients: int = typer.Option(2, "--n-patients", min=1),
-    n_spots: int = typer.Option(150, "--n-spots", min=1),
-    n_genes: int = typer.Option(60, "--n-genes", min=1),
+    n_samples: int = typer.Option(4, "--n-samples", min=1, help="Number of samples (sections)."),
+    n_patients: int = typer.Option(2, "--n-patients", min=1, help="Patients the samples are spread over."),
+    n_spots: int = typer.Option(150, "--n-spots", min=1, help="Spots per sample."),
+    n_genes: int = typer.Option(60, "--n-genes", min=1, help="Genes per sample."),
     px_per_spot: int = typer.Option(20, "--px-per-spot", min=2, help="Spot pitch in pixels."),
     platform: str = typer.Option("legacy-st", "--platform", help="legacy-st (square grid) or visium (hexagonal)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the synthetic images and counts."),
 ) -> None:
     """Write a small synthetic dataset whose expression is predictable from the image."""
     from cmrcnet.data.synthetic import GEOMETRY, make_synthetic_dataset

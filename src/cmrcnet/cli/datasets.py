@@ -21,7 +21,9 @@ _METHOD_ORDER = ("STNet", "HisToGene", "BLEEP", "CMRCNet-50", "CMRCNet-500", "CM
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    from cmrcnet.cli import stdout_console
+
+    return stdout_console(highlight=False)
 
 
 def _ordered(methods) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,21 +13,56 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cmrcnet.cli import stdout_console
 from cmrcnet.errors import InputError
 from cmrcnet.models import available_methods
 
-console = Console()
+console = stdout_console()
+
+
+class _Plain(logging.Formatter):
+    """Off a terminal: ``warning: ...`` / ``error: ...`` as the CLI prints them, INFO lines with the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"error: {msg}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {msg}"
+        return f"{self.formatTime(record, '%H:%M:%S')} {msg}"
+
+
+class _OncePerText(logging.Filter):
+    """A warning that was also issued with ``warnings.warn`` (or repeated) is shown once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        from cmrcnet.cli import _shown
+
+        text = record.getMessage().strip()
+        if text in _shown:
+            return False
+        _shown.add(text)
+        return True
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
+    """Logging of every command: rich on a terminal, plain lines otherwise; warnings once;
+    progress lines (``cmrcnet.progress``) always at INFO, so long steps report under nohup too."""
+    from cmrcnet.progress import stderr_is_terminal
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-        force=True,
-    )
+    if stderr_is_terminal():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Plain())
+    handler.addFilter(_OncePerText())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("cmrcnet.progress").setLevel(logging.INFO)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING if not verbose else logging.INFO)
 
@@ -53,24 +89,33 @@ def build_run_config(
     return make_config(method, preset, ov, base=base)
 
 
+SEED_HELP = "Random seed (python, numpy, torch; the validation split and augmentation)."
+VERBOSE_HELP = "Also print INFO messages (what each step does)."
+SKIP_HELP = "Go on without a sample that cannot be read or is degenerate (one warning each); default: stop, naming it."
+
+
 def train_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset folder (her2st, legacy ST, Visium, HEST-1k)."),
     test: str = typer.Option(..., "--test", help="Held-out sample id(s), comma-separated."),
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
     method: str = typer.Option("cmrcnet", "--method", help=f"One of: {', '.join(available_methods())}."),
     preset: str = typer.Option("cpu", "--preset", help="cpu (2-core machine), paper, tiny (tests)."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable); typed and range-checked."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config to start from."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset manifest name."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint; skip if complete."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    skip_bad: bool = typer.Option(False, "--skip-bad-samples", help=SKIP_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Train a method with one sample held out and write a run directory."""
     from cmrcnet.training import train
+    from cmrcnet.utils import check_writable_dir
 
     _setup_logging(verbose)
-    cfg = build_run_config(method, preset, data, dataset, config, overrides, seed)
+    cfg = build_run_config(method, preset, data, dataset, config,
+                           list(overrides or []) + (["data.skip_bad_samples=true"] if skip_bad else []), seed)
+    check_writable_dir(out, "--out")
     t0 = time.perf_counter()
     run_dir = train(cfg, out, [t.strip() for t in test.split(",") if t.strip()], resume=resume)
     console.print(f"[green]trained[/] {cfg.method} ({cfg.preset}) in {time.perf_counter() - t0:.1f} s -> {run_dir}")
@@ -88,56 +133,66 @@ def _read_one_sample(path: Path, sample_id: Optional[str]):
     return samples[0]
 
 
+def _finite_positive(value: Optional[float], option: str) -> None:
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InputError(f"{option} must be a positive finite number, got {value}")
+
+
 def predict_cmd(
     run: Path = typer.Option(..., "--run", help="Run directory written by `cmrcnet train`."),
     out: Path = typer.Option(..., "--out", help="Prediction AnnData (.h5ad) to write."),
     sample: Optional[Path] = typer.Option(None, "--sample", help="Dataset folder holding the sample."),
-    sample_id: Optional[str] = typer.Option(None, "--sample-id", help="Which sample of --sample."),
+    sample_id: Optional[str] = typer.Option(
+        None, "--sample-id", help="Which sample of --sample; with --image, the id to give the slide (default: file name)."),
     image: Optional[Path] = typer.Option(None, "--image", help="A slide without spot table: predict a tissue grid."),
-    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of --image."),
-    pitch_um: float = typer.Option(100.0, "--pitch-um", help="Grid pitch for --image."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Neighbours for retrieval methods."),
-    genes: Optional[str] = typer.Option(None, "--genes", help="Comma-separated genes to draw as PNG maps."),
+    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of --image (micrometres per pixel)."),
+    pitch_um: float = typer.Option(100.0, "--pitch-um", help="Grid pitch for --image (micrometres)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Neighbours for retrieval methods."),
+    genes: Optional[str] = typer.Option(None, "--genes", help="Comma-separated genes to draw as PNG maps (checked before predicting)."),
     overrides: Optional[list[str]] = typer.Option(
         None, "--set", help="Retrieval override key=value, e.g. retrieval.backend=faiss-ivfpq (repeatable)."
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Predict expression for every spot of a sample (or a grid over a slide)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from cmrcnet.config import parse_overrides
+    from cmrcnet.data.genes import resolve_gene_names
+    from cmrcnet.progress import progress_reporter
     from cmrcnet.training import load_run, predict_sample, predict_streaming, write_h5ad_atomic
+    from cmrcnet.utils import check_writable_file
 
     _setup_logging(verbose)
+    # everything that can be checked is checked before the (possibly long) prediction
     if (sample is None) == (image is None):
         raise InputError("give exactly one of --sample (a dataset folder) or --image (a slide)")
+    if image is not None:
+        if um_per_px is None:
+            raise InputError("--image needs --um-per-px (the slide's pixel size)", image)
+        _finite_positive(um_per_px, "--um-per-px")
+        _finite_positive(pitch_um, "--pitch-um")
+    check_writable_file(out, "--out")
     trained = load_run(run, overrides=parse_overrides(overrides))
+    wanted = resolve_gene_names(genes.split(","), trained.genes, "--genes", f"run {run} (genes.txt)") if genes else []
     predictor = trained.predictor_for(top_k)
     t0 = time.perf_counter()
     if image is not None:
         from cmrcnet.tiling import grid_sample
 
-        if um_per_px is None:
-            raise InputError("--image needs --um-per-px (the slide's pixel size)", image)
-        smp = grid_sample(image, um_per_px, pitch_um=pitch_um)
-        with Progress(TextColumn("predicting"), BarColumn(), TextColumn("{task.completed}/{task.total} spots"), TimeElapsedColumn(), console=console) as prog:
-            task = prog.add_task("predict", total=smp.n_spots)
-            # written to `out` block by block: memory does not grow with the slide
-            pred = predict_streaming(trained, smp, predictor, progress=lambda n: prog.advance(task, n), out=out)
+        smp = grid_sample(image, um_per_px, pitch_um=pitch_um, sample_id=sample_id)
+        # written to `out` block by block: memory does not grow with the slide
+        with progress_reporter("predicting", smp.n_spots, "spots", console=console) as advance:
+            pred = predict_streaming(trained, smp, predictor, progress=advance, out=out)
     else:
         smp = _read_one_sample(sample, sample_id)
         pred = predict_sample(trained, smp, predictor)
         write_h5ad_atomic(pred, out)
     dt = time.perf_counter() - t0
     console.print(f"[green]predicted[/] {pred.n_obs} spots x {pred.n_vars} genes in {dt:.1f} s -> {out}")
-    if genes:
+    if wanted:
         from cmrcnet.plots import spatial_maps
 
-        wanted = [g.strip() for g in genes.split(",") if g.strip()]
-        unknown = [g for g in wanted if g not in pred.var_names]
-        if unknown:
-            raise InputError(f"gene(s) not predicted by this run: {', '.join(unknown)}", run / "genes.txt")
         png = out.with_suffix(".maps.png")
         spatial_maps({trained.cfg.method: pred}, wanted, out=png)
         console.print(f"maps -> {png}")
@@ -169,28 +224,29 @@ def demo_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="her2st folder (default: $CMRCNET_DATA_DIR/her2st, else download)."),
     test: str = typer.Option("C3", "--test", help="Held-out section."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
-    preset: str = typer.Option("cpu", "--preset"),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value."),
-    seed: int = typer.Option(0, "--seed"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    preset: str = typer.Option("cpu", "--preset", help="cpu (2-core machine), paper, tiny (tests)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help=SEED_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Main job: train CMRCNet on her2st with one section held out, predict it, and score it."""
     from cmrcnet.evaluation import evaluate_prediction
     from cmrcnet.plots import spatial_maps
     from cmrcnet.training import load_run, load_samples, predict_sample, train, write_h5ad_atomic
-    from cmrcnet.utils import write_json_atomic
+    from cmrcnet.utils import check_writable_dir, write_json_atomic
 
     _setup_logging(verbose)
+    check_writable_dir(out, "--out")
     t0 = time.perf_counter()
     her2st = resolve_her2st_dir(data_dir)
     cfg = build_run_config("cmrcnet", preset, her2st, None, None, overrides, seed)
-    console.rule(f"cmrcnet demo: CMRCNet ({preset} preset) on her2st, {test} held out")
-    with console.status("reading her2st"):
-        samples = load_samples(cfg)
+    console.print(f"[bold]cmrcnet demo[/]: CMRCNet ({preset} preset) on her2st, {test} held out")
+    console.print("reading her2st")
+    samples = load_samples(cfg)
     console.print(f"read {len(samples)} sections: " + ", ".join(f"{s.sample_id} ({s.n_spots} spots)" for s in samples))
     run_dir = out / "run"
-    with console.status("cutting patches, selecting genes, training (this takes a few minutes)"):
-        train(cfg, run_dir, [test], samples=samples, resume=True)
+    console.print("cutting patches, selecting genes, training (this takes a few minutes)")
+    train(cfg, run_dir, [test], samples=samples, resume=True)
     t_train = time.perf_counter() - t0
     trained = load_run(run_dir)
     held = next(s for s in samples if s.sample_id == test)

@@ -75,11 +75,14 @@ def normalize_log1p(adata: ad.AnnData, target_sum: float | None = 1e4) -> ad.Ann
 
 # -- highly variable genes ---------------------------------------------------------------
 def _column_variance(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """Per-column variance in float64 (E[x^2] - E[x]^2 in float32 leaves ~1e-5 on a constant
+    column of log1p values, which then passed as "variable")."""
     if sp.issparse(x):
-        x = sp.csr_matrix(x)
+        x = sp.csr_matrix(x, dtype=np.float64)
         mean = np.asarray(x.mean(axis=0)).ravel()
         sq = np.asarray(x.multiply(x).mean(axis=0)).ravel()
-        return np.maximum(sq - mean**2, 0.0)
+        var = np.maximum(sq - mean**2, 0.0)
+        return np.where(var > 1e-9 * np.maximum(sq, 1.0), var, 0.0)  # cancellation noise of a constant column
     return np.asarray(x, dtype=np.float64).var(axis=0)
 
 
@@ -146,6 +149,15 @@ def select_genes(
         len(genes), cfg.combine, cfg.n_hvg, len(pool), cfg.selection,
     )
 
+    if not genes:
+        empty = [s.sample_id for s, hv in zip(pool, per_sample) if not hv]
+        if cfg.combine == "intersection" and len(empty) < len(pool):
+            raise InputError(
+                f"no genes selected (the intersection of per-sample HVGs over {len(pool)} samples is empty); "
+                "try genes.combine=union or a larger genes.n_hvg")
+        raise InputError(
+            f"no gene varies across the spots of the training sample(s) {', '.join(empty)} (constant or all-zero "
+            "counts?): nothing to learn; the marker genes alone would be a meaningless gene set")
     marker_list = list(markers) if markers is not None else list(cfg.markers)
     if cfg.include_markers and marker_list:
         present, _ = check_genes(marker_list, train_genes, what="marker gene")
@@ -288,3 +300,37 @@ def check_genes(
 def _short_list(items: list[str], n: int = 20) -> str:
     head = ", ".join(items[:n])
     return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def resolve_gene_names(requested: list[str], available: Iterable[str], what: str = "--genes",
+                       source: str | None = None) -> list[str]:
+    """Map user-typed gene names onto ``available``: exact match, else a unique case-insensitive
+    one (``penk`` -> ``Penk``, with a warning). Unknown names are one InputError listing each with
+    its closest matches, raised before any work is done."""
+    import difflib
+
+    avail = [str(a) for a in available]
+    exact = set(avail)
+    by_lower: dict[str, list[str]] = {}
+    for a in avail:
+        by_lower.setdefault(a.lower(), []).append(a)
+    out: list[str] = []
+    recased: list[str] = []
+    unknown: list[str] = []
+    for g in dict.fromkeys(str(r).strip() for r in requested if str(r).strip()):
+        if g in exact:
+            out.append(g)
+        elif len(by_lower.get(g.lower(), [])) == 1:
+            out.append(by_lower[g.lower()][0])
+            recased.append(f"{g} -> {by_lower[g.lower()][0]}")
+        else:
+            close = difflib.get_close_matches(g.lower(), list(by_lower), n=3, cutoff=0.6)
+            hint = [a for c in close for a in by_lower[c]]
+            unknown.append(f"{g} (did you mean {', '.join(hint)}?)" if hint else g)
+    if unknown:
+        where = f" of {source}" if source else ""
+        raise InputError(f"{what}: {len(unknown)} gene(s) not among the {len(avail)} genes{where}: "
+                         f"{_short_list(unknown)}")
+    if recased:
+        warnings.warn(f"{what}: matched ignoring case: {_short_list(recased)}", UserWarning, stacklevel=2)
+    return out

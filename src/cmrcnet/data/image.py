@@ -7,11 +7,16 @@ first access and kept in memory for the sample's lifetime.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from cmrcnet.errors import InputError
+
+# tifffile logs its own complaints about malformed files (truncated strips, bad tags) at
+# WARNING; the reader turns them into one InputError naming the file instead.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 #: Fill value for pixels outside the slide (white, like glass background).
 PAD_VALUE = 255
@@ -48,6 +53,7 @@ class SlideImage:
                     axes = getattr(page, "axes", "YXS")
                     h = shape[axes.index("Y")]
                     w = shape[axes.index("X")]
+                    _check_tiff_complete(tf, self.path)
                     return int(w), int(h)
             from PIL import Image
 
@@ -98,7 +104,13 @@ class SlideImage:
         if self._is_tiff() and self._array is None:
             store = self._zarr_level0()
             if store is not None:
-                return _to_rgb_uint8(np.asarray(store[y0 : y0 + h, x0 : x0 + w]), self.path)
+                try:
+                    region = np.asarray(store[y0 : y0 + h, x0 : x0 + w])
+                except Exception as e:  # noqa: BLE001 - imagecodecs/zarr raise their own types
+                    raise InputError(
+                        f"cannot decode the image region at x={x0}, y={y0} ({type(e).__name__}: {e}); "
+                        "the file is damaged or truncated", self.path) from None
+                return _to_rgb_uint8(region, self.path)
         return self._full_array()[y0 : y0 + h, x0 : x0 + w]
 
     def _zarr_level0(self):  # pragma: no cover - depends on zarr being installed
@@ -176,6 +188,24 @@ class ArrayImage(SlideImage):
 
     def release(self) -> None:  # keep: nothing to re-read
         pass
+
+
+def _check_tiff_complete(tf, path: Path) -> None:
+    """Raise if the pixel data of any page reach past the end of the file (a truncated copy or
+    download): found from the offsets in the header, without decoding anything."""
+    size = path.stat().st_size
+    pages = list(tf.pages)
+    for series in tf.series[:1]:
+        for level in series.levels:
+            pages += [p for p in getattr(level, "pages", []) if p is not None]
+    for page in pages:
+        offsets = getattr(page, "dataoffsets", ()) or ()
+        counts = getattr(page, "databytecounts", ()) or ()
+        ends = [int(o) + int(c) for o, c in zip(offsets, counts) if c]
+        if ends and max(ends) > size:
+            raise InputError(
+                f"truncated TIFF: the image data need {max(ends):,} bytes but the file has {size:,}; "
+                "copy or download it again", path)
 
 
 def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:

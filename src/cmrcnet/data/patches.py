@@ -120,15 +120,19 @@ def extract_patches(sample: Sample, size_um: float, size_px: int, batch: int = 2
 
     Releases the decoded slide afterwards: once patches exist the full image is not needed.
     """
+    from cmrcnet.progress import progress_reporter
+
     image = _require_image(sample)
     side = side_pixels(size_um, sample.um_per_px)
     coords = _spot_coords(sample)
     out = np.empty((len(coords), int(size_px), int(size_px), 3), dtype=np.uint8)
     pos = 0
     try:
-        for chunk in iter_patches(image, coords, side, size_px, batch):
-            out[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
+        with progress_reporter(f"cutting patches of {sample.sample_id}", len(coords), "patches") as advance:
+            for chunk in iter_patches(image, coords, side, size_px, batch):
+                out[pos : pos + len(chunk)] = chunk
+                pos += len(chunk)
+                advance(len(chunk))
     finally:
         image.release()
     return out

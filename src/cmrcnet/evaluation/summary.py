@@ -1,6 +1,7 @@
 """Collect prediction files of a benchmark directory and build the paper's tables.
 
-Every ``pred*.h5ad`` under the directory is scored with
+Every prediction file under the directory (any ``.h5ad`` holding ``layers["predicted"]``
+and ``layers["observed"]``, whatever its name) is scored with
 :func:`cmrcnet.evaluation.metrics.evaluate_prediction`; the run's identity
 (method, seed, fold, held-out sample, top_k, ablation variant, dataset) comes
 from ``uns['cmrcnet']``, never from the path, so any directory layout works.
@@ -110,6 +111,7 @@ def run_metadata(adata: Any, path: str | Path | None = None) -> dict[str, Any]:
     top_k = _opt_int(meta.get("top_k"))
     overrides = meta.get("variant_overrides") or {}
     settings = {str(k).removeprefix("model."): _jsonable(v) for k, v in dict(overrides).items()} if variant else {}
+    overrides_all = meta.get("overrides")
     return {
         "dataset": _text(meta.get("dataset")).strip(),
         "method": method,
@@ -121,6 +123,11 @@ def run_metadata(adata: Any, path: str | Path | None = None) -> dict[str, Any]:
         "sample_id": sample_id,
         "gene_selection": _text(meta.get("gene_selection")),
         SETTINGS: json.dumps(settings, sort_keys=True) if settings else "",
+        "preset": _text(meta.get("preset")).strip(),
+        "epochs": _opt_int(meta.get("epochs")),
+        "encoder": _text(meta.get("encoder")).strip(),
+        "overrides": ("" if overrides_all is None else
+                      json.dumps({str(k): _jsonable(v) for k, v in dict(overrides_all).items()}, sort_keys=True)),
     }
 
 
@@ -141,12 +148,47 @@ class Collection:
     """(path, reason) of files that could not be scored or duplicated another run."""
 
 
-def find_predictions(bench_dir: str | Path) -> list[Path]:
-    """All ``pred*.h5ad`` under ``bench_dir`` (sorted; the report folder is ignored)."""
+def _prediction_layers(path: Path) -> set[str] | None:
+    """The layer names of an ``.h5ad`` (read from its header, no matrix loaded); None if unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            layers = f.get("layers")
+            return set(layers.keys()) if isinstance(layers, h5py.Group) else set()
+    except (OSError, ValueError):
+        return None
+
+
+def find_prediction_files(bench_dir: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The scorable prediction files under ``bench_dir``, recognised by content: an ``.h5ad``
+    with ``layers["predicted"]`` and ``layers["observed"]``, whatever its name (``pred.h5ad``,
+    the README's ``c3.h5ad``, ...). Also returns ``(path, why)`` for predictions that cannot be
+    scored (no ``observed`` layer: a whole-slide grid) or files that cannot be read. Other
+    ``.h5ad`` files (input data, caches) are ignored; so is the report folder."""
     root = Path(bench_dir)
     if not root.is_dir():
         raise InputError("benchmark directory does not exist", root)
-    return sorted(p for p in root.glob("**/pred*.h5ad") if "report" not in p.relative_to(root).parts[:-1])
+    found: list[Path] = []
+    unscorable: list[tuple[str, str]] = []
+    for p in sorted(root.glob("**/*.h5ad")):
+        rel = p.relative_to(root).parts
+        if "report" in rel[:-1] or p.name.startswith("."):
+            continue
+        layers = _prediction_layers(p)
+        if layers is None:
+            unscorable.append((str(p), "cannot be read as HDF5 (.h5ad)"))
+        elif "predicted" in layers and "observed" in layers:
+            found.append(p)
+        elif "predicted" in layers:
+            unscorable.append((str(p), "a prediction without layers['observed'] (no ground truth, e.g. a "
+                                       "whole-slide grid): not scored"))
+    return found, unscorable
+
+
+def find_predictions(bench_dir: str | Path) -> list[Path]:
+    """The scorable prediction files under ``bench_dir`` (see :func:`find_prediction_files`)."""
+    return find_prediction_files(bench_dir)[0]
 
 
 def _score_file(path: Path, ks: Sequence[int]) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
@@ -180,7 +222,7 @@ def _score_file(path: Path, ks: Sequence[int]) -> tuple[dict[str, Any], pd.DataF
         n_pred_constant=int(genes["pred_constant"].sum()),
         n_markers=n_present,
         missing_markers=",".join(m for m in markers if m.lower() not in present_lower),
-        has_uncertainty="uncertainty" in adata.layers,
+        has_uncertainty="uncertainty" in adata.layers and _has_values(adata.layers["uncertainty"]),
     )
     return info, genes, summ
 
@@ -196,8 +238,12 @@ def scan(bench_dir: str | Path, ks: Sequence[int] = DEFAULT_KS, strict: bool = F
     infos: list[dict[str, Any]] = []
     gene_parts: list[pd.DataFrame] = []
     summ_parts: list[pd.DataFrame] = []
-    skipped: list[tuple[str, str]] = []
-    for path in find_predictions(bench_dir):
+    paths, skipped = find_prediction_files(bench_dir)
+    for path, why in skipped:
+        if strict and "cannot be read" in why:
+            raise InputError(why, path)
+        warnings.warn(f"skipping {path}: {why}", stacklevel=2)
+    for path in paths:
         try:
             info, genes, summ = _score_file(path, ks)
         except (InputError, OSError, KeyError, ValueError, TypeError) as e:
@@ -218,7 +264,8 @@ def scan(bench_dir: str | Path, ks: Sequence[int] = DEFAULT_KS, strict: bool = F
         gene_parts.append(genes.assign(**ident))
         summ_parts.append(summ.assign(**ident))
     run_cols = RUN_KEYS + [SETTINGS, "path", "gene_selection", "n_spots", "n_genes", "unmeasured_genes", "n_constant",
-                           "n_pred_constant", "n_markers", "missing_markers", "has_uncertainty"]
+                           "n_pred_constant", "n_markers", "missing_markers", "has_uncertainty",
+                           "preset", "epochs", "encoder", "overrides"]
     runs = pd.DataFrame(infos, columns=run_cols)
     summary = _front(pd.concat(summ_parts, ignore_index=True) if summ_parts
                      else pd.DataFrame(columns=SUMMARY_COLUMNS + RUN_KEYS))
@@ -238,6 +285,48 @@ def _front(df: pd.DataFrame) -> pd.DataFrame:
 def collect(bench_dir: str | Path, ks: Sequence[int] = DEFAULT_KS) -> pd.DataFrame:
     """One row per (method, seed, fold, sample_id, top_k, set) with the set's metrics."""
     return scan(bench_dir, ks=ks).summary
+
+
+def _has_values(x: Any) -> bool:
+    """False for an all-NaN layer (a method without uncertainty writes NaN, not 0)."""
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        return True  # implicit zeros are values
+    return bool(np.isfinite(np.asarray(x)).any())
+
+
+def coverage(runs: pd.DataFrame, row: str = "label") -> dict[tuple[str, str], frozenset]:
+    """``{(dataset, label): {(seed, sample_id), ...}}``: what each label was scored on."""
+    out: dict[tuple[str, str], frozenset] = {}
+    for (ds, lb), g in runs.groupby(["dataset", row], sort=True):
+        out[(str(ds), str(lb))] = frozenset(zip(g["seed"].astype(int), g["sample_id"].astype(str)))
+    return out
+
+
+def mismatched_coverage(runs: pd.DataFrame) -> list[str]:
+    """Per dataset, a description of each label's folds and seeds when the labels compared in one
+    table (the main methods; the ablation variants among themselves) were scored on different
+    (seed, held-out sample) sets; empty when every comparison is like for like."""
+    problems: list[str] = []
+    if runs.empty:
+        return problems
+    variant = runs["variant"].fillna("") != ""
+    for name, part in (("methods", runs[~variant]), ("ablation variants", runs[variant])):
+        cov = coverage(part)
+        for ds in sorted({d for d, _ in cov}):
+            sets = {lb: c for (d, lb), c in cov.items() if d == ds}
+            if len(set(sets.values())) <= 1:
+                continue
+            desc = []
+            for lb in sorted(sets, key=natural_key):
+                c = sets[lb]
+                seeds = sorted({s for s, _ in c})
+                samples = sorted({x for _, x in c}, key=natural_key)
+                desc.append(f"{lb}: {len(c)} run(s), sample(s) {', '.join(samples)}, seed(s) {', '.join(map(str, seeds))}")
+            where = f" ({ds})" if ds else ""
+            problems.append(f"{name}{where} were scored on different held-out samples/seeds: " + "; ".join(desc))
+    return problems
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -485,12 +574,16 @@ def _best_mask(table: pd.DataFrame, numeric: str, how: str) -> pd.Series:
 
 
 def _cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]], list[list[bool]]]:
-    """(header, rows of cell strings, bold flags) for the display columns of a table."""
+    """(header, rows of cell strings, bold flags) for the display columns of a table.
+
+    ``table.attrs["headers"]`` renames display columns; ``table.attrs["rank"] = False`` turns the
+    bold best values off (methods scored on different folds are not ranked)."""
     display = [c for c in table.attrs.get("display", list(table.columns)) if c in table.columns]
-    best = table.attrs.get("best", {})
+    best = table.attrs.get("best", {}) if table.attrs.get("rank", True) else {}
     flags = {c: _best_mask(table, *best[c]).tolist() for c in display if c in best and len(table) > 1}
     names = [str(n) if n is not None else "" for n in table.index.names]
-    header = names + [str(c) for c in display]
+    headers = table.attrs.get("headers", {})
+    header = names + [str(headers.get(c, c)) for c in display]
     rows, bold = [], []
     for i, ix in enumerate(table.index):
         ix = ix if isinstance(ix, tuple) else (ix,)

@@ -125,10 +125,43 @@ class MethodSpec:
                     if f.name in model_cfg and model_cfg[f.name] is None and "None" not in str(f.type)]
         if required:
             raise ConfigError(f"model option(s) {', '.join(required)} of method {self.name!r} cannot be null")
-        return self.Config(**model_cfg)
+        return self.Config(**self.typed_model_config(model_cfg))
+
+    def typed_model_config(self, model_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Each value converted to its field's type (``model.depth=abc`` is a ConfigError naming
+        the key) and range-checked (:func:`model_field_check`); numbers must be finite."""
+        from cmrcnet.config import check_value, typed_value
+
+        out = {}
+        by_name = {f.name: f for f in dataclasses.fields(self.Config)}
+        for k, v in model_cfg.items():
+            if v is None:
+                out[k] = None
+                continue
+            out[k] = typed_value(self.Config, k, v, f"model.{k}")
+            check_value(out[k], model_field_check(by_name[k]), f"model.{k}")
+        return out
 
     def build(self, model_cfg: dict[str, Any], n_genes: int) -> ExpressionModel:
         return self.model_cls(self.validate_model_config(model_cfg), n_genes)
+
+
+def model_field_check(f: dataclasses.Field) -> dict[str, Any]:
+    """The range check of a method's config field: its ``metadata={"check": {...}}`` if it declares
+    one (keys as :func:`cmrcnet.config.check_value`), else two generic rules: a count (an integer
+    field defaulting to >= 1 or None: depth, heads, dims, components) must be >= 1, and a
+    fraction (a float ``*dropout*`` / ``*ratio*`` field defaulting to [0, 1)) must lie in [0, 1)."""
+    declared = f.metadata.get("check") if f.metadata else None
+    if declared:
+        return dict(declared)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    kind = str(f.type)
+    if kind.startswith("int") and (default is None or (isinstance(default, int) and default >= 1)):
+        return {"min": 1}
+    if (kind.startswith("float") and ("dropout" in f.name or "ratio" in f.name)
+            and isinstance(default, float) and 0.0 <= default < 1.0):
+        return {"min": 0.0, "lt": 1.0}
+    return {}
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -101,7 +99,9 @@ def load_samples(cfg: RunConfig, sample_ids: list[str] | None = None) -> list[Sa
         from cmrcnet.data.manifest import check_hest_folder
 
         ids = check_hest_folder(cfg.data.path, manifest) if manifest.format == "hest" else manifest.sample_ids()
-    samples = read_dataset(cfg.data.path, sample_ids=ids, dataset=manifest.name if manifest else "")
+    samples = read_dataset(cfg.data.path, sample_ids=ids, dataset=manifest.name if manifest else "",
+                           skip_bad=cfg.data.skip_bad_samples)
+    samples = _usable(samples, cfg)
     if manifest is not None:
         patients = manifest.patients()
         for s in samples:
@@ -110,6 +110,31 @@ def load_samples(cfg: RunConfig, sample_ids: list[str] | None = None) -> list[Sa
     if not samples:
         raise InputError("the dataset holds no sample", cfg.data.path)
     return samples
+
+
+def _usable(samples, cfg: RunConfig):
+    """Degenerate samples (too few spots, all-zero counts): an error naming the sample and the
+    numbers, or with ``data.skip_bad_samples`` left out with a warning; many zero-count spots warn."""
+    from cmrcnet.data.readers import SKIP_HINT, SampleList
+    from cmrcnet.data.sample import unusable_reason, zero_spot_fraction
+
+    kept = SampleList(skipped=getattr(samples, "skipped", {}))
+    for s in samples:
+        why = unusable_reason(s)
+        if why is not None:
+            if not cfg.data.skip_bad_samples:
+                hint = f" ({SKIP_HINT})" if len(samples) > 1 else ""
+                raise InputError(f"sample {s.sample_id}: {why}{hint}", s.meta.get("st_file") or
+                                 s.meta.get("counts_file") or s.meta.get("matrix_file") or cfg.data.path)
+            kept.skipped[s.sample_id] = why
+            warnings.warn(f"skipping sample {s.sample_id}: {why}", UserWarning, stacklevel=3)
+            continue
+        frac = zero_spot_fraction(s)
+        if frac > 0.5:
+            warnings.warn(f"sample {s.sample_id}: {frac:.0%} of its {s.n_spots} spots have zero counts", UserWarning,
+                          stacklevel=3)
+        kept.append(s)
+    return kept
 
 
 def resolve_manifest(cfg: RunConfig):
@@ -172,8 +197,15 @@ def prepare_fold(samples: list[Sample], train_ids: list[str], test_ids: list[str
     missing = [i for i in train_ids + test_ids if i not in by_id]
     if missing:
         raise InputError(f"unknown sample id(s): {', '.join(missing)} (have: {', '.join(by_id)})", cfg.data.path)
+    from cmrcnet.data.sample import unusable_reason
+
+    for i in list(dict.fromkeys(train_ids + test_ids)):
+        why = unusable_reason(by_id[i])
+        if why is not None:
+            raise InputError(f"sample {i}: {why}", cfg.data.path)
     markers = resolve_markers(cfg)
     genes = select_genes(samples, train_ids, cfg.genes, markers if cfg.genes.include_markers else None)
+    check_gene_overlap([by_id[i] for i in dict.fromkeys(train_ids + test_ids)], genes)
     train_parts = [spot_table(by_id[i], genes, cfg) for i in train_ids]
     val_fraction = get_method(cfg.method).model_cls.validation_fraction(cfg.split.val_fraction)
     if val_fraction > 0:
@@ -192,6 +224,19 @@ def prepare_fold(samples: list[Sample], train_ids: list[str], test_ids: list[str
 
         save_split(run_dir / "split.json", Fold(0, list(train_ids), list(test_ids), cfg.split.scheme, cfg.seed), val_masks)
     return FoldData(genes, tr, va, test, list(train_ids), list(test_ids), markers, parts, val_masks, perm)
+
+
+def check_gene_overlap(samples: list[Sample], genes: list[str], warn_below: float = 0.5) -> None:
+    """Warn loudly, with the numbers, about a sample that measures few of the run's genes (the
+    others become zero columns): another species, panel or gene naming (Ensembl ids vs symbols)."""
+    for s in samples:
+        have = set(map(str, s.adata.var_names))
+        n = sum(g in have for g in genes)
+        if n < warn_below * len(genes):
+            warnings.warn(
+                f"sample {s.sample_id} measures only {n} of the {len(genes)} genes of this run ({n / len(genes):.0%}); "
+                f"the other {len(genes) - n} are set to 0 there. Different species, gene panel or gene naming "
+                "(Ensembl ids vs symbols)?", UserWarning, stacklevel=3)
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -233,11 +278,15 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
         enable_version_counter=False,
     )
     callbacks = [ckpt]
-    show_bar = sys.stderr.isatty() and not os.environ.get("CI")
+    from cmrcnet.progress import stderr_is_terminal
+
+    show_bar = stderr_is_terminal()
     if show_bar:
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=False))
+    else:  # nohup / SLURM / a log file: one plain line per epoch with its rate and the ETA
+        callbacks.append(epoch_log_callback(cfg.method))
     t = cfg.train
     return L.Trainer(
         default_root_dir=str(run_dir),
@@ -258,6 +307,13 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
         val_check_interval=t.val_check_interval,
         deterministic=False,
     ), ckpt
+
+
+def epoch_log_callback(name: str):
+    """The plain per-epoch progress line of a run off a terminal (:class:`cmrcnet.training.lit.EpochLog`)."""
+    from cmrcnet.training.lit import EpochLog
+
+    return EpochLog(name)
 
 
 def fit_by_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_dir: Path, resume: bool) -> dict:
@@ -292,12 +348,64 @@ def fit_by_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_
     }
 
 
-def describe_run(cfg: RunConfig, fold: FoldData, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def config_overrides(cfg: RunConfig) -> dict[str, Any]:
+    """The settings of ``cfg`` that differ from its method's preset (``--set``, ``--config``, a
+    benchmark's ablation variant), as ``{dotted key: value}``; the data folder and seed excluded."""
+    from cmrcnet.config import make_config
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and k in ("data", "patches", "genes", "split", "train", "retrieval", "model") and not prefix:
+                out.update(flat(v, f"{key}."))
+            else:
+                out[key] = v
+        return out
+
+    try:
+        base = flat(make_config(cfg.method, cfg.preset).to_dict())
+    except Exception:  # noqa: BLE001 - an unknown preset of an old run: nothing to compare with
+        return {}
+    mine = flat(cfg.to_dict())
+    skip = ("data.", "seed", "method", "preset")
+    return {k: v for k, v in mine.items() if not k.startswith(skip) and base.get(k, object()) != v}
+
+
+def gene_ids_of(samples: list[Sample], genes: list[str]) -> list[str] | None:
+    """The Ensembl (or other) id of each gene from the samples' ``var["gene_ids"]``; None when no
+    sample has ids. Genes without one get an empty string."""
+    ids: dict[str, str] = {}
+    for s in samples:
+        var = s.adata.var
+        if "gene_ids" in var.columns:
+            for name, gid in zip(map(str, var.index), var["gene_ids"].astype(str)):
+                ids.setdefault(name, gid)
+    if not ids:
+        return None
+    return [ids.get(g, "") for g in genes]
+
+
+def describe_run(cfg: RunConfig, fold: FoldData, extra: dict[str, Any] | None = None,
+                 gene_ids: list[str] | None = None) -> dict[str, Any]:
     """What a run directory is, saved with it (``run.json``, ``model.pt``) and copied into every
-    prediction's ``uns["cmrcnet"]``, so prediction and evaluation never consult the data folder."""
+    prediction's ``uns["cmrcnet"]``, so prediction and evaluation never consult the data folder.
+
+    Includes the settings a report states: preset, epochs, the encoder (where the method has
+    one), the model settings and every setting that differs from the preset (``overrides``)."""
     from cmrcnet.evaluation.gene_sets import DEFAULT_KS
 
     manifest = resolve_manifest(cfg)
+    settings = {
+        "epochs": int(cfg.train.epochs),
+        "batch_size": int(cfg.train.batch_size),
+        "lr": float(cfg.train.lr),
+        "encoder": str(cfg.model.get("encoder") or ""),
+        "model_settings": {k: v for k, v in cfg.model.items() if v is not None},
+        "overrides": config_overrides(cfg),
+    }
+    if gene_ids is not None:
+        settings["gene_ids"] = list(gene_ids)
     return {
         "method": cfg.method,
         "preset": cfg.preset,
@@ -316,6 +424,7 @@ def describe_run(cfg: RunConfig, fold: FoldData, extra: dict[str, Any] | None = 
         "patch_size_um": float(cfg.patches.size_um),
         "patch_size_px": int(cfg.patches.size_px),
         "cmrcnet_version": cmrcnet.__version__,
+        **settings,
         **(extra or {}),
     }
 
@@ -346,21 +455,24 @@ def train(
     if resume and (run_dir / "done.json").is_file():
         log.info("run %s already complete; skipping", run_dir)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     samples = samples if samples is not None else load_samples(cfg)
     ids = [s.sample_id for s in samples]
+    skipped = dict(getattr(samples, "skipped", {}) or {})
+    why = ("; skipped as unreadable: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())) if skipped else ""
     unknown = [i for i in test_ids if i not in ids]
     if unknown:
-        raise InputError(f"held-out sample(s) not in the dataset: {', '.join(unknown)} (have: {', '.join(ids)})", cfg.data.path)
+        raise InputError(f"held-out sample(s) not in the dataset: {', '.join(unknown)} (have: {', '.join(ids)}){why}", cfg.data.path)
     train_ids = train_ids if train_ids is not None else [i for i in ids if i not in test_ids]
     if not train_ids:
-        raise InputError("no training sample left after holding out the test sample(s)", cfg.data.path)
+        raise InputError(f"no training sample left after holding out {', '.join(test_ids)}{why}", cfg.data.path)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     fold = prepare_fold(samples, train_ids, list(test_ids), cfg, run_dir)
     write_text_atomic(run_dir / "genes.txt", "\n".join(fold.genes) + "\n")
-    run_info = describe_run(cfg, fold, describe)
+    by_id = {s.sample_id: s for s in samples}
+    run_info = describe_run(cfg, fold, describe, gene_ids=gene_ids_of([by_id[i] for i in train_ids], fold.genes))
     write_json_atomic(run_dir / "run.json", run_info)
     t_data = time.perf_counter() - t0
     seed_everything(cfg.seed)

@@ -157,17 +157,24 @@ class ArraySink:
 
 
 class H5adSink:
-    """Prediction rows written into ``X`` and ``layers["uncertainty"]`` of an open ``.h5ad``."""
+    """Prediction rows written into ``X`` of an open ``.h5ad`` as they come, with
+    ``layers["predicted"]`` a hard link to the same dataset (one copy on disk, two names for
+    anndata) and ``layers["uncertainty"]``: the predictor's spread, or NaN where it has none."""
 
     def __init__(self, h5: Any, n: int, g: int) -> None:
         self.h5 = h5
         self.shape = (n, g)
         self.chunk_rows = max(1, min(n, (4 << 20) // max(1, 4 * g)))  # ~4 MB chunks
         self.x = self._dataset(h5, "X")
+        layers = h5.require_group("layers")
+        layers.attrs.setdefault("encoding-type", "dict")
+        layers.attrs.setdefault("encoding-version", "0.1.0")
+        layers["predicted"] = self.x  # HDF5 hard link: the same data under a second name
         self.spread = None
 
-    def _dataset(self, group: Any, name: str):
-        ds = group.create_dataset(name, shape=self.shape, dtype="float32", chunks=(self.chunk_rows, self.shape[1]))
+    def _dataset(self, group: Any, name: str, fill: float | None = None):
+        ds = group.create_dataset(name, shape=self.shape, dtype="float32", chunks=(self.chunk_rows, self.shape[1]),
+                                  fillvalue=fill)
         ds.attrs["encoding-type"] = "array"
         ds.attrs["encoding-version"] = "0.2.0"
         return ds
@@ -179,6 +186,12 @@ class H5adSink:
             if self.spread is None:
                 self.spread = self._dataset(self.h5["layers"], "uncertainty")
             self.spread[r] = spread
+
+    def close(self) -> None:
+        """A predictor without uncertainty: a NaN layer, stored as its fill value (no disk space)."""
+        self.had_spread = self.spread is not None
+        if self.spread is None:
+            self.spread = self._dataset(self.h5["layers"], "uncertainty", fill=np.nan)
 
 
 def predict_into(
@@ -195,6 +208,8 @@ def predict_into(
         grouped = run.model.prediction_batches(_counted(batches, progress))
         for rows, pred, spread in predictor.predict(grouped, chunk_spots):
             sink.write(rows, pred, spread)
+    if hasattr(sink, "close"):
+        sink.close()
 
 
 # -- outputs ----------------------------------------------------------------------------------
@@ -208,6 +223,15 @@ def _clean_uns(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Fewest full-resolution pixels a patch may span (a wrong pixel size gives sub-pixel patches).
+MIN_PATCH_SIDE_PX = 4
+
+#: ``uns["cmrcnet"]["uncertainty"]`` of a predictor that yields no per-spot uncertainty.
+NO_UNCERTAINTY = ("none: this method gives no per-spot uncertainty; layers['uncertainty'] is NaN "
+                  "(not 0, which would claim certainty)")
+WITH_UNCERTAINTY = "the predictor's per-spot spread (retrieval: sd of the k neighbours' expression)"
+
+
 def prediction_anndata(
     run: TrainedRun,
     sample: Sample,
@@ -218,8 +242,15 @@ def prediction_anndata(
     predictor: Predictor | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ad.AnnData:
-    """The prediction file's AnnData; ``pred=None`` gives the skeleton a sink streams into."""
-    from cmrcnet.data.readers import attach_lowres
+    """The prediction file's AnnData; ``pred=None`` gives the skeleton a sink streams into.
+
+    The contract, whatever the input and the method: ``layers["predicted"]`` (= ``X``),
+    ``layers["uncertainty"]`` (NaN where the method has none), ``layers["observed"]`` when the
+    sample has counts, ``obsm["spatial"]`` (full-resolution px), ``uns["spatial"][sample_id]``
+    with ``hires`` and ``lowres`` images and their scale factors, ``var["gene_ids"]`` when the
+    training data had ids, ``uns["cmrcnet"]`` describing the run.
+    """
+    from cmrcnet.data.readers import attach_images
 
     obs = pd.DataFrame(index=pd.Index(np.asarray(barcodes).astype(str), name="barcode"))
     src_obs = sample.adata.obs
@@ -227,23 +258,26 @@ def prediction_anndata(
         if col in src_obs:
             obs[col] = src_obs[col].reindex(obs.index).to_numpy()
     var = pd.DataFrame(index=pd.Index(run.genes, name="gene"))
+    gene_ids = _gene_ids(run, sample)
+    if gene_ids is not None:
+        var["gene_ids"] = gene_ids
     if pred is None:  # matrices streamed to disk by an H5adSink
         out = ad.AnnData(obs=obs, var=var)
     else:
         out = ad.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=var)  # no copy when float32
         out.layers["predicted"] = out.X  # same array; written twice to disk, held once in memory
+        out.layers["uncertainty"] = (np.asarray(spread, dtype=np.float32) if spread is not None
+                                     else np.full(out.shape, np.nan, np.float32))
     if observed is not None:
         out.layers["observed"] = np.asarray(observed, dtype=np.float32)
-    if spread is not None:
-        out.layers["uncertainty"] = np.asarray(spread, dtype=np.float32)
     coords = sample.adata.obsm["spatial"]
     idx = sample.adata.obs_names.get_indexer(obs.index)
     out.obsm["spatial"] = np.asarray(coords, dtype=np.float64)[idx] if (idx >= 0).all() else np.asarray(coords)
-    if "spatial" not in sample.adata.uns and sample.image is not None:
-        attach_lowres(sample)
+    if sample.image is not None and not _has_both_images(sample):
+        attach_images(sample)
     if "spatial" in sample.adata.uns:
         out.uns["spatial"] = dict(sample.adata.uns["spatial"])
-    meta = {k: v for k, v in run.info.items() if k != "genes"}
+    meta = {k: v for k, v in run.info.items() if k not in ("genes", "gene_ids")}
     meta.update(
         method=run.cfg.method,
         sample_id=sample.sample_id,
@@ -258,12 +292,32 @@ def prediction_anndata(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
     meta.update((predictor or run.predictor).describe())
+    if pred is not None:
+        meta["uncertainty"] = WITH_UNCERTAINTY if spread is not None else NO_UNCERTAINTY
     if observed is not None:
         measured = set(sample.adata.var_names)
         meta["unmeasured_genes"] = [g for g in run.genes if g not in measured]
     meta.update(extra or {})
     out.uns["cmrcnet"] = _clean_uns(meta)
     return out
+
+
+def _has_both_images(sample: Sample) -> bool:
+    entry = (sample.adata.uns.get("spatial") or {}).get(sample.sample_id) or {}
+    return {"hires", "lowres"} <= set(entry.get("images") or {})
+
+
+def _gene_ids(run: TrainedRun, sample: Sample) -> list[str] | None:
+    """Ids of the run's genes: recorded with the run, else from the sample's ``var["gene_ids"]``."""
+    ids = run.info.get("gene_ids")
+    if ids is not None and len(ids) == len(run.genes):
+        return [str(i) for i in ids]
+    var = sample.adata.var
+    if "gene_ids" in var.columns:
+        by_name = dict(zip(map(str, var.index), var["gene_ids"].astype(str)))
+        if any(g in by_name for g in run.genes):
+            return [by_name.get(g, "") for g in run.genes]
+    return None
 
 
 def predict_sample(
@@ -275,9 +329,11 @@ def predict_sample(
 ) -> ad.AnnData:
     """Predict every spot of ``sample`` from its cached patches; ``layers["observed"]`` holds its
     measured expression when known. ``predictor`` defaults to the run's (see :meth:`TrainedRun.predictor_for`)."""
-    from cmrcnet.training.fit import spot_table
+    from cmrcnet.training.fit import check_gene_overlap, spot_table
 
     has_counts = sample.adata.n_vars > 0
+    if has_counts:
+        check_gene_overlap([sample], run.genes)  # e.g. a mouse section given to a human run
     if table is None:
         table = spot_table(sample, run.genes, run.cfg, with_expr=has_counts)
     sink = ArraySink(len(table), len(run.genes))
@@ -307,8 +363,9 @@ def predict_streaming(
 
     Patches are cut from the slide batch by batch; a retrieval predictor searches every
     ``chunk_spots`` embeddings. With ``out`` the prediction is written to that ``.h5ad`` as it
-    is computed (``X`` and ``layers["uncertainty"]`` filled block by block; atomic: the file
-    appears only when complete) and returned opened in backed mode: peak memory is then
+    is computed (``X`` = ``layers["predicted"]`` and ``layers["uncertainty"]`` filled block by
+    block; atomic: the file appears only when complete, and a failure or interrupt removes the
+    temporary file) and returned opened backed (:func:`open_backed`): peak memory is then
     independent of the number of spots. Without ``out`` the matrices are returned in memory.
     A model that predicts from the whole slide at once (HisToGene) regroups the batches
     itself (:meth:`ExpressionModel.prediction_batches`), and holds the slide's patches.
@@ -317,6 +374,11 @@ def predict_streaming(
 
     if sample.image is None:
         raise InputError("sample has no image to predict from", sample.sample_id)
+    side_px = run.cfg.patches.size_um / sample.um_per_px
+    if not side_px >= MIN_PATCH_SIDE_PX:
+        raise InputError(
+            f"a {run.cfg.patches.size_um:g} um patch is only {side_px:.3g} px at {sample.um_per_px:g} um/px (at least "
+            f"{MIN_PATCH_SIDE_PX} px needed): is the pixel size (--um-per-px) right?", sample.image.path)
     n, g = sample.n_spots, len(run.genes)
     observed = None
     if sample.adata.n_vars > 0:
@@ -339,6 +401,35 @@ def predict_streaming(
         skeleton.write_h5ad(tmp)
         del skeleton
         with h5py.File(tmp, "a") as h5:
-            predict_into(run, batches, H5adSink(h5, n, g), predictor, chunk_spots, progress)
+            sink = H5adSink(h5, n, g)
+            predict_into(run, batches, sink, predictor, chunk_spots, progress)
+            _write_uns_entry(h5, "uncertainty", WITH_UNCERTAINTY if sink.had_spread else NO_UNCERTAINTY)
     sample.image.release()
-    return ad.read_h5ad(out, backed="r")
+    return open_backed(out)
+
+
+def _elem_io():
+    try:
+        from anndata.io import read_elem, write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem, write_elem
+    return read_elem, write_elem
+
+
+def _write_uns_entry(h5: Any, key: str, value: str) -> None:
+    _, write_elem = _elem_io()
+    write_elem(h5["uns"]["cmrcnet"], key, value)
+
+
+def open_backed(path: str | Path) -> ad.AnnData:
+    """A prediction file opened backed: ``X`` (= the predicted matrix) stays on disk and is read
+    on access; obs, var, obsm and uns are loaded; the layers are not (``ad.read_h5ad(path)``
+    reads everything). Memory is then independent of the number of spots, unlike
+    ``ad.read_h5ad(path, backed="r")``, which loads every layer."""
+    import h5py
+
+    read_elem, _ = _elem_io()
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        parts = {k: read_elem(f[k]) for k in ("obs", "var", "obsm", "uns") if k in f}
+    return ad.AnnData(**parts, filename=path, filemode="r")

@@ -10,6 +10,7 @@ the dataset folder overrides the patient of each listed sample, for any format.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,8 @@ from cmrcnet.errors import InputError
 __all__ = [
     "READERS",
     "ReaderSpec",
+    "SampleList",
+    "attach_images",
     "attach_lowres",
     "detect_format",
     "list_sample_ids",
@@ -123,10 +126,38 @@ def read_sample(path: str | Path, sample_id: str, fmt: str | None = None) -> Sam
     return sample
 
 
+class SampleList(list):
+    """The samples read (a plain list), and ``skipped``: ``{sample id: why}`` of those left out
+    with ``skip_bad=True``."""
+
+    skipped: dict[str, str]
+
+    def __init__(self, items=(), skipped: dict[str, str] | None = None) -> None:
+        super().__init__(items)
+        self.skipped = dict(skipped or {})
+
+
+SKIP_HINT = "pass --skip-bad-samples to go on without it"
+
+
+def sample_error(sample_id: str, e: InputError, several: bool = True) -> InputError:
+    """``e`` with the sample named (when its message does not already) and, where other samples
+    could go on without it, the ``--skip-bad-samples`` hint."""
+    msg = e.message if sample_id in e.message else f"sample {sample_id}: {e.message}"
+    return InputError(msg + (f" ({SKIP_HINT})" if several else ""), e.path)
+
+
 def read_dataset(
-    path: str | Path, fmt: str | None = None, sample_ids: list[str] | None = None, dataset: str = ""
-) -> list[Sample]:
-    """Read all (or the listed) samples of a dataset; ``dataset`` overrides the dataset name."""
+    path: str | Path, fmt: str | None = None, sample_ids: list[str] | None = None, dataset: str = "",
+    skip_bad: bool = False,
+) -> SampleList:
+    """Read all (or the listed) samples of a dataset; ``dataset`` overrides the dataset name.
+
+    A sample that cannot be read (a missing or broken file) is an InputError naming the sample
+    and the file; with ``skip_bad`` it is left out instead, with one warning per sample, and
+    listed in the result's ``skipped``. Never silently: every sample any of whose files is
+    present is listed by the readers.
+    """
     p = _folder(path)
     spec = _spec(p, fmt)
     ids = spec.list_ids(p)
@@ -137,7 +168,19 @@ def read_dataset(
         if missing:
             raise InputError(f"sample(s) {', '.join(missing)} not in this dataset (has: {', '.join(ids)})", p)
         ids = list(sample_ids)
-    samples = [read_sample(p, sid, spec.name) for sid in ids]
+    samples = SampleList()
+    for sid in ids:
+        try:
+            samples.append(read_sample(p, sid, spec.name))
+        except InputError as e:
+            where = f"{e.path}: " if e.path is not None else ""
+            if not skip_bad:
+                raise sample_error(sid, e, several=len(ids) > 1) from None
+            samples.skipped[sid] = f"{where}{e.message}"
+            warnings.warn(f"skipping sample {sid}: {where}{e.message}", UserWarning, stacklevel=2)
+    if not samples:
+        raise InputError(f"no sample of this {spec.name} dataset could be read: "
+                         + "; ".join(f"{k}: {v}" for k, v in samples.skipped.items()), p)
     if dataset:
         for s in samples:
             s.dataset = dataset
@@ -155,21 +198,29 @@ def verify_image(sample: Sample) -> None:
         sample.image.release()
 
 
-def attach_lowres(sample: Sample, max_side: int = 2000) -> None:
-    """Put a downsampled image and scale factors in ``adata.uns["spatial"]`` (scanpy/squidpy layout).
+#: Longest side of the ``hires`` and ``lowres`` images, as Space Ranger writes them.
+HIRES_SIDE, LOWRES_SIDE = 2000, 600
 
-    ``tissue_lowres_scalef`` and ``tissue_hires_scalef`` are both the thumbnail scale, so
-    ``sc.pl.spatial(adata, img_key="lowres")`` and squidpy work on any sample.
+
+def attach_images(sample: Sample, hires_side: int = HIRES_SIDE, lowres_side: int = LOWRES_SIDE) -> None:
+    """Put ``hires`` and ``lowres`` images and their scale factors in ``adata.uns["spatial"]``.
+
+    The scanpy/squidpy layout (``uns["spatial"][library]["images"]``, ``["scalefactors"]`` with
+    ``tissue_hires_scalef``, ``tissue_lowres_scalef``, ``spot_diameter_fullres``), as Space Ranger
+    writes it, so ``sc.pl.spatial`` and ``sq.pl.spatial_scatter`` work with their defaults
+    (both default to ``hires``) on any sample.
     """
     if sample.image is None:
         raise InputError(f"sample {sample.sample_id!r} has no image")
-    thumb, scale = sample.image.thumbnail(max_side)
+    hires, hs = sample.image.thumbnail(hires_side)
+    lowres, ls = sample.image.thumbnail(lowres_side)
     spatial = sample.adata.uns.setdefault("spatial", {})
     spatial[sample.sample_id] = {
-        "images": {"lowres": np.ascontiguousarray(thumb, dtype=np.uint8)},
+        "images": {"hires": np.ascontiguousarray(hires, dtype=np.uint8),
+                   "lowres": np.ascontiguousarray(lowres, dtype=np.uint8)},
         "scalefactors": {
-            "tissue_lowres_scalef": float(scale),
-            "tissue_hires_scalef": float(scale),
+            "tissue_hires_scalef": float(hs),
+            "tissue_lowres_scalef": float(ls),
             "spot_diameter_fullres": float(sample.spot_diameter_px),
         },
         "metadata": {
@@ -178,3 +229,8 @@ def attach_lowres(sample: Sample, max_side: int = 2000) -> None:
             "platform": sample.platform,
         },
     }
+
+
+def attach_lowres(sample: Sample, max_side: int = HIRES_SIDE) -> None:
+    """Older name of :func:`attach_images` (which stores ``hires`` and ``lowres``)."""
+    attach_images(sample, hires_side=max_side)

@@ -81,7 +81,14 @@ def detect_hest(path: Path) -> bool:
 
 
 def list_hest(path: Path) -> list[str]:
-    return sorted(p.name[: -len(".h5ad")] for p in (path / "st").glob("*.h5ad") if not p.name.startswith("."))
+    """Sample ids: every id with a spot table (``st/{id}.h5ad``), a slide (``wsis/{id}.*``) or
+    metadata (``metadata/{id}.json``), so a sample missing one of its files is listed (and fails
+    to read, naming the missing file) instead of vanishing."""
+    ids = {p.name[: -len(".h5ad")] for p in (path / "st").glob("*.h5ad") if not p.name.startswith(".")}
+    ids |= {p.stem for p in (path / "metadata").glob("*.json") if not p.name.startswith(".")}
+    ids |= {p.name.split(".")[0] for p in (path / "wsis").glob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+    return sorted(ids)
 
 
 def _wsi_path(path: Path, sample_id: str) -> Path:
@@ -98,7 +105,9 @@ def _wsi_path(path: Path, sample_id: str) -> Path:
 def read_metadata(path: Path, sample_id: str) -> dict:
     md_path = path / "metadata" / f"{sample_id}.json"
     if not md_path.is_file():
-        return {}
+        raise InputError(
+            "metadata not found: a HEST sample needs metadata/{id}.json (st_technology, spot_diameter, "
+            "pixel_size_um_estimated); without it the platform and pixel size are unknown", md_path)
     try:
         md = json.loads(md_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -142,7 +151,9 @@ def read_hest(path: Path, sample_id: str) -> Sample:
     spot_d = _positive(md, "spot_diameter") or d_default
     pitch = _positive(md, "inter_spot_dist") or p_default
     if spot_d is None:
-        warnings.warn(f"{sample_id}: no spot_diameter in metadata, assuming 55 um", stacklevel=2)
+        warnings.warn(
+            f"{sample_id}: metadata/{sample_id}.json gives neither spot_diameter nor a known st_technology "
+            f"(got {md.get('st_technology')!r}); assuming Visium's 55 um spots", stacklevel=2)
         spot_d = 55.0
     arr_rc = None
     if "array_row" in src.obs and "array_col" in src.obs:

@@ -228,8 +228,14 @@ def detect_her2st(path: Path) -> bool:
 
 
 def list_her2st(path: Path) -> list[str]:
-    """Section ids = names of the counts files (no parsing)."""
+    """Section ids = names of the counts files, spot files and image folders (no parsing): a
+    section missing one of the three is listed, and reading it names the missing file."""
     ids = {p.name.split(".tsv")[0] for p in (path / "ST-cnts").glob("*.tsv*") if not p.name.startswith(".")}
+    ids |= {p.name[: -len("_selection.tsv")] for p in (path / "ST-spotfiles").glob("*_selection.tsv")
+            if not p.name.startswith(".")}
+    imgs = path / "ST-imgs"
+    if imgs.is_dir():
+        ids |= {d.name for d in imgs.glob("*/*") if d.is_dir() and find_images(d)}
     return sorted(ids)
 
 
@@ -290,18 +296,43 @@ def _legacy_image(path: Path, sample_id: str) -> Path:
 
 
 def detect_legacy_st(path: Path) -> bool:
-    return any(_legacy_counts(path, sid).is_file() for sid in _spot_files(path))
+    return any(_legacy_counts(path, sid).is_file() for sid in _spot_files(path)) or bool(_counts_ids(path))
+
+
+_COUNTS_RX = re.compile(r"^(.+?)(_stdata)?\.tsv(\.gz)?$")
+
+
+def _counts_ids(path: Path) -> set[str]:
+    """Ids of the counts tables ``{id}.tsv[.gz]`` / ``{id}_stdata.tsv[.gz]`` that have an image
+    ``{id}.jpg|png|tif`` next to them (spot tables, gene tables and samples.tsv excluded)."""
+    if not path.is_dir():
+        return set()
+    images = {p.stem for p in find_images(path)}
+    out = set()
+    for p in path.iterdir():
+        m = _COUNTS_RX.match(p.name)
+        if not m or not p.is_file() or p.name.startswith(".") or p.name.startswith("alignment_table_"):
+            continue
+        sid = m.group(1)
+        if sid.endswith("_selection") or "genes" in sid or sid in ("samples",):
+            continue
+        if sid in images:
+            out.add(sid)
+    return out
 
 
 def list_legacy_st(path: Path) -> list[str]:
-    return sorted(_spot_files(path))
+    """Ids of the spot tables, and of counts tables with an image but no spot table (so that a
+    sample missing its spot table is listed, and reading it names the missing file)."""
+    return sorted(set(_spot_files(path)) | _counts_ids(path))
 
 
 def read_legacy_st(path: Path, sample_id: str) -> Sample:
     """One section of a flat legacy-ST folder; Ensembl ids mapped to symbols when a gene table exists."""
     spot_files = _spot_files(path)
     if sample_id not in spot_files:
-        raise InputError(f"no spot table for sample {sample_id} (expected alignment_table_{sample_id}.tsv)", path)
+        raise InputError(f"spot table of sample {sample_id} not found (expected alignment_table_{sample_id}.tsv "
+                         f"or {sample_id}_selection.tsv)", path / f"alignment_table_{sample_id}.tsv")
     counts = require_file(_legacy_counts(path, sample_id), "counts table")
     image = _legacy_image(path, sample_id)
     table = _find_gene_table(path)

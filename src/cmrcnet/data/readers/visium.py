@@ -64,6 +64,20 @@ def _sample_root(folder: Path) -> Path | None:
     return None
 
 
+def _looks_like_spaceranger(folder: Path) -> Path | None:
+    """``folder`` (or its ``outs/``) when it has Space Ranger outputs (a ``spatial/`` folder with
+    scale factors or images, or a feature-barcode matrix), even without tissue positions."""
+    for cand in (folder, folder / "outs"):
+        if not cand.is_dir():
+            continue
+        spatial = cand / "spatial"
+        if (spatial / "scalefactors_json.json").is_file() or any(spatial.glob("tissue_*_image.png")):
+            return cand
+        if any(cand.glob("*feature_bc_matrix*")) and spatial.is_dir():
+            return cand
+    return None
+
+
 def _sample_name(folder: Path) -> str:
     return folder.parent.name if folder.name == "outs" else folder.name
 
@@ -73,22 +87,25 @@ def detect_visium(path: Path) -> bool:
 
 
 def list_visium(path: Path) -> list[str]:
-    """One id for a Space Ranger folder; else one per subfolder that is one."""
-    if _sample_root(path) is not None:
+    """One id for a Space Ranger folder; else one per subfolder that is one. A folder with Space
+    Ranger outputs but no tissue positions is listed too, so reading it names the missing file."""
+    if _sample_root(path) is not None or _looks_like_spaceranger(path) is not None:
         return [_sample_name(path)]
     if not path.is_dir():
         return []
-    return sorted(d.name for d in path.iterdir() if d.is_dir() and _sample_root(d) is not None)
+    return sorted(d.name for d in path.iterdir()
+                  if d.is_dir() and (_sample_root(d) is not None or _looks_like_spaceranger(d) is not None))
 
 
 def _resolve(path: Path, sample_id: str) -> Path:
-    if _sample_root(path) is not None and _sample_name(path) == sample_id:
-        return _sample_root(path)  # type: ignore[return-value]
-    root = _sample_root(path / sample_id)
+    own = _sample_root(path) or _looks_like_spaceranger(path)
+    folder = path if own is not None and _sample_name(path) == sample_id else path / sample_id
+    root = _sample_root(folder)
     if root is None:
+        where = _looks_like_spaceranger(folder) or folder
         raise InputError(
-            f"no Space Ranger output for sample {sample_id!r} (expected spatial/tissue_positions.csv)", path / sample_id
-        )
+            f"tissue positions of sample {sample_id!r} not found (expected spatial/tissue_positions.csv or "
+            "spatial/tissue_positions_list.csv from Space Ranger)", where / "spatial" / "tissue_positions.csv")
     return root
 
 
@@ -218,7 +235,9 @@ def _fullres_image(folder: Path, fullres_image: str | Path | None) -> Path:
         found = find_images(folder.parent)
     if not found:
         raise InputError(
-            "no full-resolution H&E image (.tif/.jpg/.png) next to spatial/; pass fullres_image=", folder
+            "no full-resolution H&E image (.tif/.jpg/.png) next to spatial/; put the image given to Space "
+            "Ranger (its --image) in this folder (spatial/tissue_hires_image.png is too small to cut patches from)",
+            folder,
         )
     if len(found) > 1:
         found.sort(key=lambda p: p.stat().st_size, reverse=True)
