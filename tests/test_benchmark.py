@@ -16,6 +16,7 @@ def synth(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("bsynth") / "ds", n_samples=3, n_patients=3, seed=3)
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_and_resume(synth, tmp_path):
     from cmrcnet.benchmark import BenchmarkSpec, run_benchmark
     from cmrcnet.evaluation.summary import collect, table1

@@ -86,6 +86,7 @@ def test_modes_that_keep_weights_need_weights():
         make_config("ridge", "tiny", {"model.encoder_mode": "finetune"})
 
 
+@pytest.mark.slow
 def test_trained_run_predicts_without_the_weights_file(synth, tmp_path):
     """The encoder's weights are in model.pt: the weights file may move away after training."""
     weights = tmp_path / "lite0.pth"

@@ -5,8 +5,6 @@ file that does not fit gives one line naming the file, the entry and the first m
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -216,10 +214,20 @@ def test_patch_geometry_follows_the_encoder() -> None:
     assert make_config("stnet", "cpu", {"model.encoder": "efficientnet-lite0"}).patches.size_px == 112  # no µm/px
 
 
-def test_encoders_command_lists_the_registry() -> None:
-    r = subprocess.run([sys.executable, "-m", "cmrcnet", "encoders"], capture_output=True, text=True)
-    assert r.returncode == 0
+def test_encoders_command_lists_the_registry(capsys) -> None:
+    from cmrcnet.cli import main
+
+    def run(argv: list[str]) -> int:
+        try:
+            main(argv)
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    assert run(["encoders"]) == 0
+    out = capsys.readouterr().out
     for name in ("uni", "virchow2", "h-optimus-0", "conch-v1", "phikon", "prov-gigapath", "efficientnet-lite0"):
-        assert name in r.stdout
-    r = subprocess.run([sys.executable, "-m", "cmrcnet", "encoders", "nope"], capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
+        assert name in out
+    assert run(["encoders", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nope" in err and len(err.strip().splitlines()) == 1

@@ -172,7 +172,7 @@ def _gather_worker(rank: int, world: int, init_file: str, sizes: tuple[int, ...]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("sizes", [(3, 3), _SIZES])
+@pytest.mark.parametrize("sizes", [pytest.param((3, 3), marks=pytest.mark.slow), _SIZES])
 def test_gather_embeddings_two_processes(sizes: tuple[int, int]) -> None:
     import torch.multiprocessing as mp
 

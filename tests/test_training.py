@@ -53,6 +53,7 @@ def test_run_directory_and_prediction(synth, tmp_path):
     assert np.isfinite(pred.X).all()
 
 
+@pytest.mark.slow
 def test_cmrcnet_learns_beyond_shuffled_control(synth, tmp_path):
     """Held-out PCC of the real model must clearly beat the same model trained on shuffled labels."""
     ov = {"train.epochs": 6, "seed": 1}
@@ -69,6 +70,7 @@ def test_cmrcnet_learns_beyond_shuffled_control(synth, tmp_path):
     assert scores["real"] > scores["shuffled"] + 0.12, scores
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step(synth, tmp_path):
     cfg = _cfg(synth, **{"train.epochs": 1})
     samples = load_samples(cfg)
@@ -87,7 +89,7 @@ def test_resume_continues_from_saved_step(synth, tmp_path):
     assert (run / "done.json").stat().st_mtime == mtime
 
 
-@pytest.mark.parametrize("method", ["bleep", "stnet", "histogene", "ridge"])
+@pytest.mark.parametrize("method", ["bleep", pytest.param("stnet", marks=pytest.mark.slow), "histogene", "ridge"])
 def test_every_method_trains_and_predicts(synth, tmp_path, method):
     cfg = _cfg(synth, method)
     samples = load_samples(cfg)

@@ -106,7 +106,7 @@ class TrainConfig:
 @dataclass
 class RetrievalConfig:
     top_k: int = _f(50, min=1)
-    weighting: str = _f("mean", choices=("mean", "similarity"))
+    weighting: str = _f("mean", choices=("mean", "similarity", "softmax"))
     """``mean`` (paper) or ``similarity`` (softmax-free cosine-weighted mean)."""
     backend: str = _f("auto", choices=("auto", "torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"))
     """``auto``, ``torch`` (exact), ``faiss-flat`` (exact), ``faiss-ivf``, ``faiss-ivfpq``, ``faiss-hnsw``."""
