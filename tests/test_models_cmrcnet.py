@@ -364,13 +364,20 @@ def test_authors_preset() -> None:
     assert cfg.patches.size_px == 224
 
 
-def test_cpu_preset_gives_50_tokens() -> None:
+def test_cpu_preset_is_frozen_imagenet_efficientnet_and_the_old_vit_stays_one_override_away() -> None:
     cfg = make_config("cmrcnet", "cpu")
     mc = dataclasses.replace(get_method("cmrcnet").validate_model_config(cfg.model), img_size=cfg.patches.size_px)
     model = CMRCNet(mc, G).eval()
+    assert model.image_encoder.pretrained and not any(p.requires_grad for p in model.image_encoder.parameters())
     with torch.no_grad():
         tokens, emb = model.encode_images(torch.randn(2, 3, cfg.patches.size_px, cfg.patches.size_px))
-    assert tokens.shape[1] == 50 and emb.shape == (2, 256)
+    assert tokens.shape[1] == 16 and emb.shape == (2, 256)  # 4 x 4 feature map at 112 px
+    old = make_config("cmrcnet", "cpu", {"model.encoder": "vit_tiny_patch16_224", "model.vit_depth": 6})
+    mc = dataclasses.replace(get_method("cmrcnet").validate_model_config(old.model), img_size=old.patches.size_px)
+    assert mc.encoder_mode == "scratch"  # the preset's frozen mode belongs to its own encoder
+    with torch.no_grad():
+        tokens, _ = CMRCNet(mc, G).eval().encode_images(torch.randn(2, 3, 112, 112))
+    assert tokens.shape[1] == 50
 
 
 def test_tiny_preset_forward_backward_is_fast() -> None:

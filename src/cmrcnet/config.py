@@ -438,12 +438,13 @@ def make_config(
 
 
 #: Model options that shape a preset's own encoder (e.g. the cpu preset's 6-layer ViT-Ti).
-ENCODER_ARCH_KEYS = ("encoder_kwargs", "vit_depth", "vit_heads", "encoder_weights")
+ENCODER_ARCH_KEYS = ("encoder_kwargs", "vit_depth", "vit_heads", "encoder_weights", "encoder_mode")
 
 
 def _preset_architecture_follows_encoder(cfg: RunConfig, defaults: Any, overrides: dict[str, Any]) -> None:
-    """When the user picks another encoder, the preset's options for its own encoder are dropped
-    (``--set model.encoder=uni`` gets UNI's architecture, not ViT-Ti's depth), unless also given."""
+    """When the user picks another encoder, the preset's options for its own encoder (architecture,
+    weights, mode) are dropped (``--set model.encoder=uni`` gets UNI's architecture, not ViT-Ti's
+    depth, and the default ``scratch`` mode, not the preset's frozen EfficientNet), unless also given."""
     if "model.encoder" not in overrides:
         return
     for key in ENCODER_ARCH_KEYS:

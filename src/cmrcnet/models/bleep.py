@@ -31,8 +31,10 @@ class BLEEPConfig(CMRCNetConfig):
 
 BLEEP_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"model.encoder": "resnet50", "model.reconstruction": False},
-    # ResNet-18 at 112 px (4 x 4 final map): the smallest standard ResNet, fast enough on CPU.
-    "cpu": {"model.encoder": "resnet18", "model.reconstruction": False},
+    # Frozen ImageNet EfficientNet-Lite0, as CMRCNet's cpu preset (docs/RESULTS.md).
+    "cpu": {"model.encoder": "efficientnet-lite0", "model.encoder_mode": "frozen", "model.reconstruction": False},
+    # The previous cpu preset, ResNet-18 at 112 px from scratch: --set model.encoder=resnet18
+    # --set model.encoder_mode=scratch.
     # resnet10t at 32 px: a 1 x 1 final map, a few ms per batch; for tests only.
     "tiny": {"model.encoder": "resnet10t", "model.reconstruction": False, "model.embed_dim": 32},
 }
