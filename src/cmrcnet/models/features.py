@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -255,8 +255,12 @@ def cached_features(
             warnings.warn(f"feature cache {path} does not match sample {sample_id}; recomputing", stacklevel=2)
         except (OSError, KeyError, ValueError) as e:
             warnings.warn(f"feature cache {path} unreadable ({e}); recomputing", stacklevel=2)
+    from cmrcnet.progress import progress_reporter
+
     t0 = time.perf_counter()
-    out = encode_views(encoder, table, views=views, token_grid=token_grid, bf16=bf16, batch_size=batch_size)
+    with progress_reporter(f"caching features of {sample_id}", len(table) * views, "patches") as advance:
+        out = encode_views(encoder, table, views=views, token_grid=token_grid, bf16=bf16, batch_size=batch_size,
+                           progress=advance)
     dt = time.perf_counter() - t0
     log.info("%s: encoded %d patches x %d views in %.1f s (%.0f patches/s)", sample_id, len(table), views, dt,
              len(table) * views / max(dt, 1e-9))
@@ -285,8 +289,8 @@ def pool_token_grid(tokens: torch.Tensor, prefix: int, side: int) -> torch.Tenso
 
 @torch.no_grad()
 def encode_views(encoder: ImageEncoder, table: SpotTable, *, views: int, token_grid: int | None, bf16: bool,
-                 batch_size: int = 128) -> dict[str, np.ndarray]:
-    """Run the encoder over every patch (and dihedral view) of ``table``."""
+                 batch_size: int = 128, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Run the encoder over every patch (and dihedral view) of ``table``; ``progress(n)`` per batch."""
     was_training = encoder.training
     encoder.eval()
     device = next(iter(encoder.parameters())).device
@@ -301,6 +305,8 @@ def encode_views(encoder: ImageEncoder, table: SpotTable, *, views: int, token_g
                 for k in range(views):
                     tokens, pooled = encoder(dihedral(img, k) if k else img)
                     fv.append(pooled.float().cpu())
+                    if progress is not None:
+                        progress(len(img))
                     if token_grid is not None:
                         tv.append(pool_token_grid(tokens.float(), encoder.num_prefix_tokens, token_grid).cpu())
                 feats.append(torch.stack(fv, 1).numpy().astype(np.float16))
