@@ -98,3 +98,12 @@ def test_gpu_paper(tmp_path: Path) -> None:
     proc = run_script("gpu_paper.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_envelope(tmp_path / "out.json", {"gemm_peak", "train", "loader", "retrieval"})
+
+
+def test_slide_throughput_smoke(tmp_path: Path) -> None:
+    proc = run_script("slide_throughput.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = check_envelope(tmp_path / "out.json", {"slide"})["tables"]["slide"]
+    assert {r["prefetch"] for r in rows} == {0, 2}
+    assert all(r["pixel_size_source"].startswith("openslide.mpp-x") and r["peak_rss_mb"] > 0 for r in rows)
+    assert len({r["spots"] for r in rows}) == 1  # the same slide, whatever the reading thread

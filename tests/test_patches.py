@@ -204,7 +204,7 @@ def test_file_image_is_released_and_keyed_by_mtime(tmp_path):
     s = make_sample(image, [[40, 40], [100, 60]])
     k1 = P.cache_key(s, 20, 16)
     st = P.get_patch_store(s, 20, 16, tmp_path / "cache")
-    assert image._array is None  # decoded slide released after extraction
+    assert image._reader_obj is None  # decoded slide released after extraction
     assert st.imgs.shape == (2, 16, 16, 3) and st.imgs.std() > 0
     os.utime(jpg, ns=(1, 1))
     assert P.cache_key(s, 20, 16) != k1
@@ -223,4 +223,4 @@ def test_real_her2st_jpeg(tmp_path):
     st = P.get_patch_store(s, size_um=112, size_px=56, cache_dir=tmp_path)
     assert st.imgs.shape == (4, 56, 56, 3) and st.imgs.dtype == np.uint8
     assert (st.imgs[2, :20, :20] == PAD_VALUE).all()  # top-left corner is outside the slide
-    assert image._array is None
+    assert image._reader_obj is None

@@ -1,9 +1,42 @@
 """cmrcnet: predict spatially resolved gene expression from H&E histology.
 
-Layout (scanpy-like split): ``data`` (readers, patches, genes, splits),
-``models`` (one file per method, a registry), ``training`` (Lightning glue,
-run directories, prediction), ``retrieval`` (reference banks, top-k search),
-``evaluation`` (metrics, gene sets), ``plots``/``report`` and ``cli``.
+Python API, in scanpy's style (keyword-only options, AnnData in and out)::
+
+    import cmrcnet as cn
+    samples = cn.read_dataset("data/her2st")
+    run = cn.tl.train(samples, method="cmrcnet", test=None, out="runs/final")
+    adata = cn.tl.predict(run, image="slide.svs")
+    cn.pl.spatial(adata, genes=["ERBB2"], out="erbb2.png")
+
+``cn.read_dataset`` / ``cn.read_sample`` / ``cn.read_slide`` read data; ``cn.tl`` trains, predicts
+(samples, slides, cohorts) and scores; ``cn.pl`` plots; ``cn.export`` writes SpatialData stores.
+
+Package layout: ``data`` (readers, slides, patches, genes, splits), ``models`` (one file per
+method, a registry), ``training`` (Lightning glue, run directories, prediction), ``retrieval``
+(reference banks, top-k search), ``evaluation`` (metrics, gene sets), ``plots``/``report``,
+``cohort``, ``export`` and ``cli`` (a thin layer over all of it).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_SUBMODULES = {"tl", "pl", "export", "cohort", "errors", "data", "models", "training", "evaluation", "retrieval", "plots"}
+_READERS = {"read_dataset": "cmrcnet.data.readers", "read_sample": "cmrcnet.data.readers",
+            "read_slide": "cmrcnet.data.image"}
+
+
+def __getattr__(name: str) -> Any:
+    """Submodules and readers load on first use: ``import cmrcnet`` stays cheap (no torch)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cmrcnet.{name}")
+    if name in _READERS:
+        return getattr(importlib.import_module(_READERS[name]), name)
+    raise AttributeError(f"module 'cmrcnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES | set(_READERS))

@@ -115,3 +115,59 @@ def progress_reporter(desc: str, total: int | None, unit: str = "items", console
     lp = LineProgress(desc, total, unit, interval)
     yield lp.advance
     lp.finish()
+
+
+class CohortProgress:
+    """Progress of a cohort of slides: one bar (or line series) for the current slide and one overall,
+    both with rate and ETA; :meth:`slide` starts the next slide, the returned callable advances both."""
+
+    def __init__(self, total: int, unit: str = "spots", console=None) -> None:
+        self.total, self.unit, self.console = total, unit, console
+        self.bar = None
+        self.overall = LineProgress("all slides", total, unit)
+
+    def __enter__(self) -> "CohortProgress":
+        if stderr_is_terminal():
+            from rich.console import Console
+            from rich.errors import LiveError
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            con = self.console if self.console is not None and self.console.stderr else Console(stderr=True)
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TaskProgressColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=con, transient=True)
+            try:
+                self.bar.start()
+                self.all_task = self.bar.add_task("all slides", total=self.total)
+                self.slide_task = None
+            except LiveError:
+                self.bar = None
+        return self
+
+    def slide(self, name: str, n: int) -> Callable[[int], None]:
+        if self.bar is not None:
+            if self.slide_task is not None:
+                self.bar.remove_task(self.slide_task)
+            self.slide_task = task = self.bar.add_task(name, total=n)
+
+            def advance(k: int = 1) -> None:
+                self.bar.advance(task, k)
+                self.bar.advance(self.all_task, k)
+
+            return advance
+        if getattr(self, "_line", None) is not None:
+            self._line.finish()
+        self._line = line = LineProgress(name, n, self.unit)
+
+        def advance_lines(k: int = 1) -> None:
+            line.advance(k)
+            self.overall.advance(k)
+
+        return advance_lines
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif getattr(self, "_line", None) is not None:
+            self._line.finish()

@@ -91,9 +91,25 @@ def tissue_mask(thumb: np.ndarray, min_object_frac: float = 0.001, px_um: float 
     return _clean(mask, min_object_frac)
 
 
+#: Where :meth:`SlideImage.pixel_size` looks, for the error when a slide has none.
+PIXEL_SIZE_SOURCES = ("OpenSlide mpp-x/mpp-y, Aperio MPP, OME PhysicalSizeX, TIFF XResolution with "
+                      "ResolutionUnit inch/cm, ImageJ micron calibration, PNG/JPEG density")
+
+
+def slide_pixel_size(image: SlideImage, um_per_px: float | None = None) -> tuple[float, str]:
+    """``um_per_px`` if the user gave one (it overrides the file), else the slide's metadata."""
+    if um_per_px is not None:
+        return float(um_per_px), "user"
+    ps = image.pixel_size()
+    if ps is None:
+        raise InputError(f"the slide stores no pixel size (looked for {PIXEL_SIZE_SOURCES}); give it with "
+                         "--um-per-px (um_per_px=)", image.path)
+    return ps.um_per_px, ps.source
+
+
 def grid_sample(
-    image_path: str | Path,
-    um_per_px: float,
+    image_path: str | Path | SlideImage,
+    um_per_px: float | None = None,
     pitch_um: float = 100.0,
     spot_diameter_um: float = 55.0,
     sample_id: str | None = None,
@@ -101,13 +117,18 @@ def grid_sample(
 ) -> Sample:
     """A Sample of pseudo-spots on a square grid over the detected tissue (no expression).
 
+    ``um_per_px=None`` reads the pixel size from the slide's metadata (:func:`slide_pixel_size`);
+    ``sample.pixel_size_source`` records where it came from.
+
     The grid's size is checked against :data:`MAX_GRID_SPOTS` before anything is allocated:
     a wrong ``um_per_px`` (500 instead of 0.5) would otherwise build a grid of tens of millions.
     """
+    image = image_path if isinstance(image_path, SlideImage) else SlideImage(image_path)
+    image_path = image.path
     for name, value in (("--um-per-px", um_per_px), ("--pitch-um", pitch_um), ("spot diameter", spot_diameter_um)):
-        if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+        if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
             raise InputError(f"{name} must be a positive finite number, got {value}", image_path)
-    image = SlideImage(image_path)
+    um_per_px, source = slide_pixel_size(image, um_per_px)
     width, height = image.size
     pitch_px = pitch_um / um_per_px
     n_x, n_y = int(np.ceil((width - pitch_px / 2) / pitch_px)), int(np.ceil((height - pitch_px / 2) / pitch_px))
@@ -146,6 +167,6 @@ def grid_sample(
         pitch_um=float(pitch_um),
         patient_id=sid,
         platform="grid",
-        pixel_size_source="user",
-        meta={"tissue_fraction": float(mask.mean())},
+        pixel_size_source=source,
+        meta={"tissue_fraction": float(mask.mean()), "slide": image.describe()},
     )

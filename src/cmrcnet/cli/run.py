@@ -96,8 +96,9 @@ SKIP_HELP = "Go on without a sample that cannot be read or is degenerate (one wa
 
 def train_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset folder (her2st, legacy ST, Visium, HEST-1k)."),
-    test: str = typer.Option(..., "--test", help="Held-out sample id(s), comma-separated."),
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
+    test: Optional[str] = typer.Option(
+        None, "--test", help="Held-out sample id(s), comma-separated; omit (or 'none') to train a final model on every sample."),
     method: str = typer.Option("cmrcnet", "--method", help=f"One of: {', '.join(available_methods())}."),
     preset: str = typer.Option("cpu", "--preset", help="cpu (2-core machine), paper, tiny (tests)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable); typed and range-checked."),
@@ -108,29 +109,21 @@ def train_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad-samples", help=SKIP_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
-    """Train a method with one sample held out and write a run directory."""
-    from cmrcnet.training import train
+    """Train a method and write a run directory (samples held out with --test, or none: a final model)."""
+    from cmrcnet import tl
+    from cmrcnet.config import parse_overrides
     from cmrcnet.utils import check_writable_dir
 
     _setup_logging(verbose)
-    cfg = build_run_config(method, preset, data, dataset, config,
-                           list(overrides or []) + (["data.skip_bad_samples=true"] if skip_bad else []), seed)
     check_writable_dir(out, "--out")
     t0 = time.perf_counter()
-    run_dir = train(cfg, out, [t.strip() for t in test.split(",") if t.strip()], resume=resume)
-    console.print(f"[green]trained[/] {cfg.method} ({cfg.preset}) in {time.perf_counter() - t0:.1f} s -> {run_dir}")
-
-
-def _read_one_sample(path: Path, sample_id: Optional[str]):
-    from cmrcnet.data.readers import read_dataset, read_sample
-
-    if sample_id:
-        return read_sample(path, sample_id)
-    samples = read_dataset(path)
-    if len(samples) != 1:
-        ids = ", ".join(s.sample_id for s in samples)
-        raise InputError(f"dataset holds {len(samples)} samples; choose one with --sample-id ({ids})", path)
-    return samples[0]
+    run = tl.train(data, out=out, method=method, test=test, preset=preset, seed=seed,
+                   overrides=parse_overrides(overrides), config=config, dataset=dataset, resume=resume,
+                   skip_bad_samples=skip_bad)
+    held = run.info.get("test_ids") or []
+    what = f"{', '.join(held)} held out" if held else f"final model on all {len(run.info.get('train_ids', []))} samples"
+    console.print(f"[green]trained[/] {run.cfg.method} ({run.cfg.preset}; {what}) in {time.perf_counter() - t0:.1f} s "
+                  f"-> {run.run_dir}")
 
 
 def _finite_positive(value: Optional[float], option: str) -> None:
@@ -140,15 +133,37 @@ def _finite_positive(value: Optional[float], option: str) -> None:
         raise InputError(f"{option} must be a positive finite number, got {value}")
 
 
+def _is_cohort(images: list[Path], out: Path) -> bool:
+    """Several slides, a folder or a CSV list, or an --out without a file suffix: one output per slide."""
+    return (len(images) > 1 or images[0].is_dir() or images[0].suffix.lower() == ".csv"
+            or out.suffix.lower() not in (".h5ad", ".zarr"))
+
+
+def _format_for(out: Path, fmt: Optional[str]) -> str:
+    from cmrcnet.cohort import check_format
+
+    if fmt is not None:
+        return check_format(fmt)
+    return "spatialdata" if out.suffix.lower() == ".zarr" else "h5ad"
+
+
 def predict_cmd(
     run: Path = typer.Option(..., "--run", help="Run directory written by `cmrcnet train`."),
-    out: Path = typer.Option(..., "--out", help="Prediction AnnData (.h5ad) to write."),
+    out: Path = typer.Option(..., "--out", help="Output: a .h5ad or .zarr file; for several slides, a folder."),
     sample: Optional[Path] = typer.Option(None, "--sample", help="Dataset folder holding the sample."),
     sample_id: Optional[str] = typer.Option(
-        None, "--sample-id", help="Which sample of --sample; with --image, the id to give the slide (default: file name)."),
-    image: Optional[Path] = typer.Option(None, "--image", help="A slide without spot table: predict a tissue grid."),
-    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of --image (micrometres per pixel)."),
+        None, "--sample-id", help="Which sample of --sample; with one --image, the id to give the slide (default: file name)."),
+    image: Optional[list[Path]] = typer.Option(
+        None, "--image", help="Slide(s) without spot table (SVS, NDPI, MRXS, SCN, OME-TIFF, TIFF, JPEG/PNG), folders of slides, "
+        "or CSV lists (column image): predict a tissue grid. Several may follow one --image."),
+    more_images: Optional[list[Path]] = typer.Argument(
+        None, help="More slides after --image (`--image A.svs B.ndpi C.mrxs`).", show_default=False),
+    um_per_px: Optional[float] = typer.Option(
+        None, "--um-per-px", help="Pixel size of the slide(s) (micrometres per pixel); default: read from each slide."),
     pitch_um: float = typer.Option(100.0, "--pitch-um", help="Grid pitch for --image (micrometres)."),
+    fmt: Optional[str] = typer.Option(
+        None, "--format", help="h5ad (AnnData, default) or spatialdata (a SpatialData .zarr store); default from --out's suffix."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Cohort: predict slides whose output exists again (default: skip them)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Neighbours for retrieval methods."),
     genes: Optional[str] = typer.Option(None, "--genes", help="Comma-separated genes to draw as PNG maps (checked before predicting)."),
     overrides: Optional[list[str]] = typer.Option(
@@ -156,46 +171,74 @@ def predict_cmd(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
-    """Predict expression for every spot of a sample (or a grid over a slide)."""
+    """Predict expression for every spot of a sample, or a grid over one slide or a cohort of slides."""
+    from cmrcnet import tl
     from cmrcnet.config import parse_overrides
     from cmrcnet.data.genes import resolve_gene_names
-    from cmrcnet.progress import progress_reporter
-    from cmrcnet.training import load_run, predict_sample, predict_streaming, write_h5ad_atomic
-    from cmrcnet.utils import check_writable_file
+    from cmrcnet.utils import check_writable_dir, check_writable_file
 
     _setup_logging(verbose)
+    images = list(image or []) + list(more_images or [])
+    if more_images and not image:
+        raise InputError(f"unexpected argument {more_images[0]} (slides follow --image)")
     # everything that can be checked is checked before the (possibly long) prediction
-    if (sample is None) == (image is None):
-        raise InputError("give exactly one of --sample (a dataset folder) or --image (a slide)")
-    if image is not None:
-        if um_per_px is None:
-            raise InputError("--image needs --um-per-px (the slide's pixel size)", image)
-        _finite_positive(um_per_px, "--um-per-px")
-        _finite_positive(pitch_um, "--pitch-um")
-    check_writable_file(out, "--out")
-    trained = load_run(run, overrides=parse_overrides(overrides))
-    wanted = resolve_gene_names(genes.split(","), trained.genes, "--genes", f"run {run} (genes.txt)") if genes else []
-    predictor = trained.predictor_for(top_k)
-    t0 = time.perf_counter()
-    if image is not None:
-        from cmrcnet.tiling import grid_sample
-
-        smp = grid_sample(image, um_per_px, pitch_um=pitch_um, sample_id=sample_id)
-        # written to `out` block by block: memory does not grow with the slide
-        with progress_reporter("predicting", smp.n_spots, "spots", console=console) as advance:
-            pred = predict_streaming(trained, smp, predictor, progress=advance, out=out)
+    if (sample is None) == (not images):
+        raise InputError("give exactly one of --sample (a dataset folder) or --image (slides)")
+    _finite_positive(um_per_px, "--um-per-px")
+    _finite_positive(pitch_um, "--pitch-um")
+    cohort = bool(images) and _is_cohort(images, out)
+    if cohort:
+        check_writable_dir(out, "--out")
+        fmt = _format_for(Path("x.zarr" if fmt == "spatialdata" else "x.h5ad"), fmt)
     else:
-        smp = _read_one_sample(sample, sample_id)
-        pred = predict_sample(trained, smp, predictor)
-        write_h5ad_atomic(pred, out)
+        fmt = _format_for(out, fmt)
+        if fmt == "h5ad":
+            check_writable_file(out, "--out")
+    trained = tl.load(run, overrides=parse_overrides(overrides))
+    wanted = resolve_gene_names(genes.split(","), trained.genes, "--genes", f"run {run} (genes.txt)") if genes else []
+    trained.predictor_for(top_k)  # --top-k checked against the method now
+    t0 = time.perf_counter()
+    if cohort:
+        from cmrcnet.cohort import collect_slides, predict_cohort
+
+        jobs = collect_slides(images, um_per_px=um_per_px)
+        if sample_id and len(jobs) == 1:
+            jobs[0].sample_id = sample_id
+        summary = predict_cohort(trained, jobs, out, fmt=fmt, pitch_um=pitch_um, top_k=top_k, resume=not overwrite,
+                                 console=console)
+        _print_cohort(summary, time.perf_counter() - t0, out)
+        return
+    out_path = out.with_suffix(".zarr") if fmt == "spatialdata" and out.suffix.lower() != ".zarr" else out
+    if images:
+        pred = tl.predict(trained, image=images[0], um_per_px=um_per_px, pitch_um=pitch_um, top_k=top_k,
+                          sample_id=sample_id, out=out_path)
+    else:
+        pred = tl.predict(trained, sample=sample, sample_id=sample_id, top_k=top_k, out=out_path)
     dt = time.perf_counter() - t0
-    console.print(f"[green]predicted[/] {pred.n_obs} spots x {pred.n_vars} genes in {dt:.1f} s -> {out}")
+    where = (pred.uns.get("cmrcnet") or {})
+    src = f", {where.get('um_per_px', 0):.4g} um/px from {where.get('pixel_size_source')}" if images else ""
+    console.print(f"[green]predicted[/] {pred.n_obs} spots x {pred.n_vars} genes in {dt:.1f} s{src} -> {out_path}")
     if wanted:
         from cmrcnet.plots import spatial_maps
 
-        png = out.with_suffix(".maps.png")
+        png = out_path.with_suffix(".maps.png")
         spatial_maps({trained.cfg.method: pred}, wanted, out=png)
         console.print(f"maps -> {png}")
+
+
+def _print_cohort(summary, seconds: float, out: Path) -> None:
+    from cmrcnet.cohort import SUMMARY_FILE
+
+    table = Table(title=f"{len(summary)} slide(s) -> {out}")
+    for col in ("slide", "um/px (source)", "spots", "seconds", "output", "status"):
+        table.add_column(col)
+    for _, r in summary.iterrows():
+        um = f"{r['um_per_px']:.4g} ({r['pixel_size_source']})" if r["um_per_px"] == r["um_per_px"] and r["um_per_px"] is not None else "-"
+        spots = f"{int(r['spots']):,}" if r["spots"] == r["spots"] and r["spots"] is not None else "-"
+        secs = f"{r['seconds']:.1f}" if r["seconds"] == r["seconds"] and r["seconds"] is not None else "-"
+        table.add_row(Path(str(r["slide"])).name, um, spots, secs, Path(str(r["output"])).name, str(r["status"]))
+    console.print(table)
+    console.print(f"summary -> {out / SUMMARY_FILE}; took {seconds:.1f} s")
 
 
 def resolve_her2st_dir(data_dir: Optional[Path]) -> Path:

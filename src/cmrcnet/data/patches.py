@@ -7,8 +7,9 @@ keeps patches comparable across slides scanned at different resolutions. Crops t
 run over the slide border are padded with white (:data:`cmrcnet.data.image.PAD_VALUE`),
 so no spot is ever dropped.
 
-Resampling uses Pillow's ``resize`` with ``Image.BILINEAR``; Pillow widens the filter
-support when downscaling, so the result is antialiased (area-aware), not a point sample.
+Crops are read from the slide's pyramid level closest to (never coarser than) the output
+resolution (:meth:`~cmrcnet.data.image.SlideImage.read_patch`) and resampled with Pillow's
+``resize`` (``Image.BILINEAR``, which widens its support when downscaling: antialiased).
 
 Patches of a sample are cached as one HEST-style HDF5 file per (sample, size_um,
 size_px, content key); see :func:`get_patch_store`.
@@ -76,16 +77,6 @@ def _check_coords(coords_px: np.ndarray) -> np.ndarray:
     return coords
 
 
-def _resample(region: np.ndarray, size_px: int) -> np.ndarray:
-    """Resize an (h, w, 3) uint8 crop to (size_px, size_px, 3), antialiased."""
-    if region.shape[0] == size_px and region.shape[1] == size_px:
-        return region
-    from PIL import Image
-
-    im = Image.fromarray(region).resize((size_px, size_px), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
-
-
 # -- extraction --------------------------------------------------------------------------
 def iter_patches(
     image: SlideImage,
@@ -110,8 +101,7 @@ def iter_patches(
         chunk = corners[start : start + int(batch)]
         out = np.empty((len(chunk), size_px, size_px, 3), dtype=np.uint8)
         for i, (x0, y0) in enumerate(chunk):
-            region = image.read_region(int(x0), int(y0), side, side)
-            out[i] = _resample(region, size_px)
+            out[i] = image.read_patch(int(x0), int(y0), side, size_px)
         yield out
 
 
@@ -270,6 +260,9 @@ def cache_key(sample: Sample, size_um: float, size_px: int) -> str:
     h.update(np.ascontiguousarray(_spot_coords(sample), dtype=np.float64).tobytes())
     h.update("\0".join(map(str, sample.adata.obs_names)).encode("utf-8"))
     h.update(f"|{float(size_um)!r}|{int(size_px)}|{float(sample.um_per_px)!r}".encode())
+    level = image.best_level(side_pixels(size_um, sample.um_per_px) / int(size_px))
+    if level:  # read from a pyramid level: other pixels than a level-0 read (keys of level 0 unchanged)
+        h.update(f"|level{level}|{image.level_downsamples[level]:.6f}".encode())
     return h.hexdigest()[:12]
 
 

@@ -151,3 +151,107 @@ def make_synthetic_dataset(dest: str | Path, **kwargs) -> Path:
     from cmrcnet.data.readers.hest import write_hest
 
     return write_hest(make_synthetic_samples(**kwargs), dest)
+
+
+# -- slide files: the scanner layouts the readers must handle, written for tests and benchmarks --
+#: ``layout`` -> how the pixel size is stored: a generic pyramidal TIFF (resolution tags in cm), an
+#: Aperio SVS-style TIFF (``MPP =`` in its ImageDescription), an OME-TIFF (PhysicalSizeX, SubIFD
+#: pyramid), or a tiled TIFF with no pixel size at all.
+SLIDE_LAYOUTS = ("generic", "svs", "ome", "none")
+
+
+def he_tile(x0: int, y0: int, w: int, h: int, downsample: float, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """An (h, w, 3) H&E-like region of a procedural slide: glass around an elliptical section with
+    pink stroma and purple nuclei. Coordinates are in the level's pixels (``downsample`` x level-0);
+    any level of any size is drawn directly, so slides far larger than memory can be written."""
+    ys = (np.arange(y0, y0 + h, dtype=np.float32) + 0.5) * downsample
+    xs = (np.arange(x0, x0 + w, dtype=np.float32) + 0.5) * downsample
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    inside = ((xx / width - 0.5) / 0.42) ** 2 + ((yy / height - 0.5) / 0.40) ** 2 < 1.0
+    field = 0.5 + 0.5 * np.sin(xx / 900.0 + seed) * np.cos(yy / 700.0 - seed)
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = (244.0, 242.0, 245.0)
+    stroma = np.array([228.0, 130.0, 178.0], np.float32) * 0.8 + 0.2 * np.array([245.0, 220.0, 235.0], np.float32)
+    img[inside] = stroma
+    ix, iy = (xx // 9).astype(np.int64), (yy // 9).astype(np.int64)
+    hsh = (ix * 73856093 ^ iy * 19349663 ^ (seed + 1) * 83492791) % 1000 / 1000.0
+    nuclei = inside & (hsh < 0.08 + 0.25 * field)
+    img[nuclei] = (92.0, 60.0, 150.0)
+    return img.astype(np.uint8)
+
+
+def write_slide(
+    path: str | Path,
+    image: np.ndarray | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    um_per_px: float = 0.5,
+    layout: str = "generic",
+    tile: int = 256,
+    n_levels: int | None = None,
+    compression: str = "jpeg",
+    seed: int = 0,
+) -> Path:
+    """Write a tiled pyramidal slide (factor-2 levels down to ~1k px) in one of :data:`SLIDE_LAYOUTS`.
+
+    ``image`` is the level-0 RGB array; without it a procedural H&E slide of ``size`` = (width,
+    height) is drawn tile by tile (:func:`he_tile`), so memory stays one tile whatever the size.
+    """
+    import tifffile
+
+    if layout not in SLIDE_LAYOUTS:
+        raise ValueError(f"layout must be one of {SLIDE_LAYOUTS}, got {layout!r}")
+    if image is not None:
+        image = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+        size = (image.shape[1], image.shape[0])
+    if size is None:
+        raise ValueError("give image or size")
+    width, height = map(int, size)
+    if n_levels is None:
+        n_levels = 1 + max(0, int(np.floor(np.log2(max(width, height) / 1024))))
+
+    def level_tiles(ds: int):
+        lw, lh = -(-width // ds), -(-height // ds)
+        for ty in range(0, lh, tile):
+            for tx in range(0, lw, tile):
+                if image is not None:
+                    block = _downsampled_block(image, tx, ty, tile, ds)
+                else:
+                    block = he_tile(tx, ty, tile, tile, ds, width, height, seed)
+                out = np.full((tile, tile, 3), 255, np.uint8)
+                out[: block.shape[0], : block.shape[1]] = block[:tile, :tile]
+                yield out
+
+    levels = [2**i for i in range(n_levels)]
+    shapes = [(-(-height // ds), -(-width // ds), 3) for ds in levels]
+    res = 1e4 / um_per_px  # pixels per centimetre
+    common = dict(tile=(tile, tile), compression=compression, photometric="rgb")
+    with tifffile.TiffWriter(path, bigtiff=True, ome=(layout == "ome")) as tw:
+        if layout == "ome":
+            meta = {"axes": "YXS", "PhysicalSizeX": um_per_px, "PhysicalSizeXUnit": "µm",
+                    "PhysicalSizeY": um_per_px, "PhysicalSizeYUnit": "µm"}
+            tw.write(level_tiles(1), shape=shapes[0], dtype=np.uint8, subifds=len(levels) - 1, metadata=meta, **common)
+            for ds, shp in zip(levels[1:], shapes[1:]):
+                tw.write(level_tiles(ds), shape=shp, dtype=np.uint8, subfiletype=1, metadata=None, **common)
+            return Path(path)
+        for i, (ds, shp) in enumerate(zip(levels, shapes)):
+            kw: dict = dict(common, metadata=None)
+            if layout == "svs":
+                desc = f"Aperio Image Library v12.0.15\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q=80"
+                kw["description"] = desc + (f"|AppMag = 20|MPP = {um_per_px}" if i == 0 else f" -> {shp[1]}x{shp[0]}")
+            elif layout == "generic":
+                kw.update(resolution=(res / ds, res / ds), resolutionunit="CENTIMETER")
+            if i:
+                kw["subfiletype"] = 1
+            tw.write(level_tiles(ds), shape=shp, dtype=np.uint8, **kw)
+    return Path(path)
+
+
+def _downsampled_block(image: np.ndarray, tx: int, ty: int, tile: int, ds: int) -> np.ndarray:
+    """Tile (tx, ty) of ``image`` downsampled ``ds`` x by block averaging."""
+    block = image[ty * ds : (ty + tile) * ds, tx * ds : (tx + tile) * ds].astype(np.float32)
+    if ds == 1:
+        return block.astype(np.uint8)
+    h, w = block.shape[0] // ds * ds, block.shape[1] // ds * ds
+    block = block[:h, :w].reshape(h // ds, ds, w // ds, ds, 3).mean(axis=(1, 3))
+    return (block + 0.5).astype(np.uint8)

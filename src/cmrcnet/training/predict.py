@@ -107,13 +107,20 @@ def table_batches(table: SpotTable, batch_size: int = 256) -> Iterator[Batch]:
     return iter(spot_loader(table, batch_size))
 
 
-def slide_batches(sample: Sample, cfg: RunConfig, pos: np.ndarray, batch_size: int = 256) -> Iterator[Batch]:
-    """Batches cut from the slide as they are needed: memory does not grow with the number of spots."""
+def slide_batches(sample: Sample, cfg: RunConfig, pos: np.ndarray, batch_size: int = 256,
+                  prefetch: int = 2) -> Iterator[Batch]:
+    """Batches cut from the slide as they are needed: memory does not grow with the number of spots.
+
+    Reading and decoding (OpenSlide, JPEG, resampling: C code that releases the GIL) run in a
+    background thread up to ``prefetch`` batches ahead, so they overlap the model's forward pass
+    instead of adding to it; ``prefetch=0`` reads in the caller's thread.
+    """
     from cmrcnet.data.patches import iter_patches
 
     side_px = cfg.patches.size_um / sample.um_per_px
+    chunks = iter_patches(sample.image, sample.coords_px, side_px, cfg.patches.size_px, batch_size)
     start = 0
-    for chunk in iter_patches(sample.image, sample.coords_px, side_px, cfg.patches.size_px, batch_size):
+    for chunk in (read_ahead(chunks, prefetch) if prefetch > 0 else chunks):
         n = len(chunk)
         yield {
             "img": to_float_images(torch.from_numpy(np.ascontiguousarray(chunk))),
@@ -121,6 +128,50 @@ def slide_batches(sample: Sample, cfg: RunConfig, pos: np.ndarray, batch_size: i
             "index": torch.arange(start, start + n),
         }
         start += n
+
+
+def read_ahead(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """``items``, produced by a background thread up to ``depth`` ahead; its exceptions are re-raised
+    here, and stopping early (an error, Ctrl-C) stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((done, e))
+
+    t = threading.Thread(target=produce, name="cmrcnet-read-ahead", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.1)
 
 
 def _counted(batches: Iterable[Batch], progress: Callable[[int], None] | None) -> Iterator[Batch]:
@@ -288,9 +339,12 @@ def prediction_anndata(
         gene_selection=run.cfg.genes.selection,
         markers=run.markers,
         um_per_px=float(sample.um_per_px),
+        pixel_size_source=sample.pixel_size_source,
         cmrcnet_version=cmrcnet.__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
+    if "slide" in sample.meta:
+        meta["slide"] = sample.meta["slide"]
     meta.update((predictor or run.predictor).describe())
     if pred is not None:
         meta["uncertainty"] = WITH_UNCERTAINTY if spread is not None else NO_UNCERTAINTY
@@ -358,6 +412,7 @@ def predict_streaming(
     progress: Callable[[int], None] | None = None,
     out: str | Path | None = None,
     chunk_spots: int = 4096,
+    prefetch: int = 2,
 ) -> ad.AnnData:
     """Predict without holding all patches in memory (whole-slide grids).
 
@@ -387,7 +442,7 @@ def predict_streaming(
         observed = expression_matrix(sample, run.genes, run.cfg.genes.target_sum)
     pos = spot_positions(sample)
     barcodes = np.asarray(sample.adata.obs_names.astype(str))
-    batches = slide_batches(sample, run.cfg, pos, batch_size)
+    batches = slide_batches(sample, run.cfg, pos, batch_size, prefetch)
     if out is None:
         sink = ArraySink(n, g)
         predict_into(run, batches, sink, predictor, chunk_spots, progress)
