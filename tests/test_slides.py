@@ -305,6 +305,7 @@ def test_readme_python_example_runs_as_written(her2st_dir, tmp_path, monkeypatch
     exec(compile(block, "README.md", "exec"), ns)
     run, adata, summary = ns["run"], ns["adata"], ns["summary"]
     assert sorted(run.info["train_ids"]) == ["B4", "C2", "C3", "C4", "C5", "C6"] and run.info["test_ids"] == []
+    assert {"ERBB2", "GATA3"} <= set(run.markers) <= set(run.genes)  # her2st's markers, from its manifest
     assert adata.uns["cmrcnet"]["pixel_size_source"] == "openslide.mpp-x (aperio)" and adata.n_obs > 500
     assert (tmp_path / "S1_maps.png").is_file() and (tmp_path / "S1.h5ad").is_file() and (tmp_path / "S1.zarr").is_dir()
     assert list(summary["sample_id"]) == ["S1", "S2"] and (summary["spots"] > 0).all()

@@ -74,7 +74,8 @@ def train(
     config
         A YAML config to start from.
     dataset
-        Dataset manifest name (markers, gene sets) when the folder is not recognised.
+        Dataset manifest name (markers, gene sets) when the folder is not recognised; for samples
+        read from one packaged dataset (``sample.dataset``, e.g. ``her2st``), that dataset's.
     resume
         Continue from the last checkpoint; return at once if the run is complete.
     skip_bad_samples
@@ -93,6 +94,7 @@ def train(
         samples = list(data)
         if not samples:
             raise InputError("train: no samples given")
+    dataset = dataset or (_manifest_of(samples) if samples else None)
     if dataset:
         ov["data.dataset"] = dataset
     if seed is not None:
@@ -103,6 +105,15 @@ def train(
     check_writable_dir(Path(out), "out")
     run_dir = train_run(cfg, Path(out), _test_ids(test), samples=samples, resume=resume)
     return load_run(run_dir)
+
+
+def _manifest_of(samples: Sequence["Sample"]) -> str | None:
+    """The packaged manifest (markers, gene sets) of samples read from one known dataset, if any."""
+    from cmrcnet.data.manifest import list_manifests
+
+    names = {s.dataset for s in samples if s.dataset}
+    name = next(iter(names)) if len(names) == 1 else None
+    return name if name in list_manifests() else None
 
 
 def load(run: PathLike | "TrainedRun", *, overrides: Mapping[str, Any] | None = None) -> "TrainedRun":
