@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             dirs[name] = tmp / f"{name}{r}"
             load0 = C.loadavg()[0]
             res = run_one(tree, dirs[name], args, her2st)
-            rows.append({"round": r, "tree": name, **res, "load1_start": load0, "load1_end": C.loadavg()[0]})
-        rows[-1]["weights_identical_to_A"] = same_weights(dirs["A"], dirs["B"])
+            rows.append({"round": r, "tree": name, **res, "load1_start": load0, "load1_end": C.loadavg()[0],
+                         "weights_identical_to_A": "-" if name == "A" else same_weights(dirs["A"], dirs[name])})
     for key in ("train_s", "cpu_s"):
         a = [x[key] for x in rows if x["tree"] == "A"]
         b = [x[key] for x in rows if x["tree"] == "B"]

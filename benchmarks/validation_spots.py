@@ -12,7 +12,7 @@ share the machine's load).
 
     python benchmarks/validation_spots.py --variant base= --variant grid2=model.frozen_token_grid=2
     python benchmarks/validation_spots.py --seeds 0,1,2 --variant base= \\
-        --variant proj128=model.frozen_token_grid=2,model.fusion_blocks=1
+        --variant grid2_1block=model.frozen_token_grid=2,model.fusion_blocks=1
 
 A variant is ``NAME=KEY=VALUE,KEY=VALUE`` (``NAME=`` for the preset as is).
 """
