@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE override for both trees")
     args = p.parse_args(argv)
+    if args.smoke:
+        raise SystemExit("ab_fold.py: no --smoke mode (it trains real her2st folds)")
     her2st = C.her2st_dir(args.data)
     if her2st is None:
         raise SystemExit(C.data_missing(args.data))

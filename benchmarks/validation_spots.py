@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from cmrcnet.config import make_config
     from cmrcnet.training import load_samples, train
 
+    if args.smoke:
+        raise SystemExit("validation_spots.py: no --smoke mode (it trains real her2st folds)")
     her2st = C.her2st_dir(args.data)
     if her2st is None:
         raise SystemExit(C.data_missing(args.data))
