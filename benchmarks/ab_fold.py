@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run_one(tree, dirs[name], args, her2st)
             rows.append({"round": r, "tree": name, **res, "load1_start": load0, "load1_end": C.loadavg()[0],
                          "weights_identical_to_A": "-" if name == "A" else same_weights(dirs["A"], dirs[name])})
+        for d in dirs.values():  # each holds 166 MB+ of checkpoints
+            shutil.rmtree(d, ignore_errors=True)
     for key in ("train_s", "cpu_s"):
         a = [x[key] for x in rows if x["tree"] == "A"]
         b = [x[key] for x in rows if x["tree"] == "B"]

@@ -20,6 +20,7 @@ A variant is ``NAME=KEY=VALUE,KEY=VALUE`` (``NAME=`` for the preset as is).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                    "train_s": done["train_seconds"], "wall_s": wall, "load1": C.loadavg()[0],
                    "overrides": ",".join(f"{k}={v}" for k, v in overrides.items())}
             print(json.dumps(row), flush=True)
+            shutil.rmtree(out, ignore_errors=True)  # checkpoints: 166 MB+ per run
             rows.append(row)
     rep.table("validation", f"Validation spots of the training sections ({args.test} held out, not scored)", rows)
     rep.write(C.resolve_out(args.out, "validation_spots", args.smoke))
