@@ -13,12 +13,14 @@ Phases (``--phases``, both by default):
 
     python benchmarks/frozen_features.py
     python benchmarks/frozen_features.py --phases encode --n 256
+    python benchmarks/frozen_features.py --phases fold --cache $CMRCNET_CACHE --repeats 3   # warm cache only
     python benchmarks/frozen_features.py --smoke
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -98,20 +100,27 @@ def phase_fold(args, rep: C.Report) -> None:
     if her2st is None or args.smoke:
         rep.note(C.data_missing(args.data) + ": fold phase skipped" if her2st is None else "smoke: fold phase skipped")
         return
-    cache = Path(tempfile.mkdtemp(prefix="frozen-cache-"))
+    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="frozen-cache-"))
+    cfgs = {m: make_config(m, "cpu", {"data.path": str(her2st), "data.cache_dir": str(cache),
+                                      "model.encoder": "efficientnet-lite0", "model.encoder_mode": "frozen"})
+            for m in args.methods}
+    samples = load_samples(next(iter(cfgs.values())))
+    # a fresh cache: the first run of each method fills it; then warm runs, methods alternating so
+    # that they share the machine's load
+    runs = ([] if args.cache else ["cold cache"]) + ["warm cache"] * args.repeats
     rows = []
-    for method in args.methods:
-        cfg = make_config(method, "cpu", {"data.path": str(her2st), "data.cache_dir": str(cache),
-                                          "model.encoder": "efficientnet-lite0", "model.encoder_mode": "frozen"})
-        samples = load_samples(cfg)
-        for run in ("cold cache", "warm cache"):
+    for i, run in enumerate(runs):
+        for method, cfg in cfgs.items():
             out = Path(tempfile.mkdtemp(prefix="frozen-run-"))
+            load0 = C.loadavg()[0]
             t0 = time.perf_counter()
             train(cfg, out, [HELD_OUT], samples=samples)
             wall = time.perf_counter() - t0
             done = json.loads((out / "done.json").read_text())
-            rows.append({"method": method, "run": run, "feature_s": done["feature_seconds"], "train_s": done["train_seconds"],
-                         "total_s": wall, "epochs": done.get("epochs_run", "-"), "load1": C.loadavg()[0]})
+            rows.append({"method": method, "run": run, "repeat": i, "feature_s": done["feature_seconds"],
+                         "train_s": done["train_seconds"], "total_s": wall, "epochs": done.get("epochs_run", "-"),
+                         "load1_start": load0, "load1_end": C.loadavg()[0]})
+            shutil.rmtree(out, ignore_errors=True)
     rep.table("fold", f"One her2st fold ({HELD_OUT} held out), encoder_mode=frozen, EfficientNet-Lite0 (target train_s <= 15)", rows)
 
 
@@ -123,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--methods", default="cmrcnet,bleep,stnet,ridge")
+    p.add_argument("--cache", default=None, help="fold phase: an existing feature cache folder (default: a fresh one, "
+                   "so the first run per method is timed with a cold cache)")
+    p.add_argument("--repeats", type=int, default=1, help="fold phase: warm-cache runs per method (interleaved)")
     args = p.parse_args(argv)
     args.precisions = args.precisions.split(",")
     args.methods = args.methods.split(",")

@@ -89,6 +89,25 @@ def test_resume_continues_from_saved_step(synth, tmp_path):
     assert (run / "done.json").stat().st_mtime == mtime
 
 
+def test_last_checkpoint_holds_the_final_state(synth, tmp_path):
+    """last.ckpt (a link to best.ckpt when both hold the same step) always resolves to the last step."""
+    import os
+
+    import torch
+
+    cfg = _cfg(synth, **{"train.epochs": 3})
+    samples = load_samples(cfg)
+    run = train(cfg, tmp_path / "run", [samples[-1].sample_id], samples=samples)
+    done = json.loads((run / "done.json").read_text())
+    last, best = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "best.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == done["global_step"]
+    if last.is_symlink():
+        assert os.readlink(last) == "best.ckpt"
+        assert torch.load(best, map_location="cpu", weights_only=False)["global_step"] == done["global_step"]
+    assert not list((run / "checkpoints").glob("*tmp*"))
+
+
 @pytest.mark.parametrize("method", ["bleep", pytest.param("stnet", marks=pytest.mark.slow), "histogene", "ridge"])
 def test_every_method_trains_and_predicts(synth, tmp_path, method):
     cfg = _cfg(synth, method)

@@ -262,13 +262,14 @@ def quiet_lightning() -> None:
 def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
     """The Lightning trainer of every gradient-trained method, and its checkpoint callback."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    from cmrcnet.training.lit import LinkedLastCheckpoint
 
     quiet_lightning()
 
     monitor = "val/loss" if has_val else "train/loss"
-    ckpt = ModelCheckpoint(
+    ckpt = LinkedLastCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=monitor,
@@ -338,7 +339,8 @@ def fit_by_gradient(model: ExpressionModel, fold: FoldData, cfg: RunConfig, run_
     trainer.fit(lit, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     best = ckpt.best_model_path
     if best and Path(best).is_file():
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        # mmap: the optimizer moments (2/3 of the file) are never read
+        state = torch.load(best, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
         lit.load_state_dict(state)
     return {
         "best_checkpoint": str(best) if best else None,
