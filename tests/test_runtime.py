@@ -96,3 +96,54 @@ def test_benchmark_fold_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     env = fold_process_env(2)
     assert env["OMP_NUM_THREADS"] == "7" and env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+# -- precision ------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty probe cache (on disk and in this process)."""
+    monkeypatch.setenv("CMRCNET_CACHE", str(tmp_path / "cache"))
+    runtime._cpu_bf16_is_faster.cache_clear()
+    yield tmp_path / "cache" / "bf16_probe.json"
+    runtime._cpu_bf16_is_faster.cache_clear()
+
+
+@pytest.mark.parametrize("fp32,bf16,faster", [(1.0, 0.5, True), (1.0, 0.9, False), (0.5, 1.0, False)])
+def test_probe_decides_by_timing_and_caches_on_disk(fresh_probe: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    fp32: float, bf16: float, faster: bool) -> None:
+    monkeypatch.setattr(runtime, "_probe_cpu", lambda: {"fp32": fp32, "bf16": bf16})
+    assert runtime.bf16_is_faster("cpu") is faster
+    saved = json.loads(fresh_probe.read_text())
+    (entry,) = saved.values()
+    assert entry["bf16_faster"] is faster and entry["fp32_s"] == fp32
+
+    def no_probe():
+        raise AssertionError("probed again although the answer was cached on disk")
+
+    runtime._cpu_bf16_is_faster.cache_clear()
+    monkeypatch.setattr(runtime, "_probe_cpu", no_probe)
+    assert runtime.bf16_is_faster("cpu") is faster
+
+
+def test_real_probe_is_quick_and_consistent(fresh_probe: Path) -> None:
+    t = runtime._probe_cpu()
+    assert t["fp32"] > 0 and t["bf16"] > 0
+    assert runtime.bf16_is_faster("cpu") == runtime.bf16_is_faster("cpu")
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_precision_everywhere_follows_the_probe(monkeypatch: pytest.MonkeyPatch, faster: bool) -> None:
+    monkeypatch.setattr(runtime, "bf16_is_faster", lambda device="cpu": faster)
+    assert runtime.resolve_precision("auto") == ("bf16-mixed" if faster else "32-true")
+    assert runtime.resolve_precision("32-true") == "32-true" and runtime.resolve_precision("bf16-mixed") == "bf16-mixed"
+    assert runtime.use_bf16("auto", "auto", "cpu") is faster  # embedding / frozen features
+    assert runtime.use_bf16("auto", "32-true", "cpu") is False  # a run trained in fp32 embeds in fp32
+    assert runtime.use_bf16("bf16", "32-true", "cpu") is True and runtime.use_bf16("fp32", "bf16-mixed", "cpu") is False
+
+
+def test_presets_default_to_auto_precision() -> None:
+    from cmrcnet.config import make_config
+
+    for method, preset in [("cmrcnet", "cpu"), ("cmrcnet", "paper"), ("cmrcnet", "authors"), ("bleep", "cpu")]:
+        assert make_config(method, preset).train.precision == "auto", (method, preset)
+    assert make_config("cmrcnet", "tiny").train.precision == "32-true"
