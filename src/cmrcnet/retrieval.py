@@ -90,7 +90,13 @@ class Bank:
         settings, then reused for every later call (one per predicted section)."""
         b = resolve_backend(backend, len(self), auto_exact_max)
         index = None
-        if b != "torch":
+        if b == "torch" and exact_precision(str(index_kwargs.get("precision", "auto"))) == "bf16":
+            if "_keys_bf16" not in self.__dict__:  # converted once, reused by every later search
+                import torch
+
+                self.__dict__["_keys_bf16"] = torch.from_numpy(self.embeddings).to(torch.bfloat16)
+            index_kwargs = {**index_kwargs, "keys_bf16": self.__dict__["_keys_bf16"]}
+        elif b != "torch":
             build = tuple(sorted((key, v) for key, v in index_kwargs.items() if key not in _QUERY_PARAMS))
             cache = self.__dict__.setdefault("_indexes", {})
             if (b, build) not in cache:
@@ -200,24 +206,20 @@ def embed_images(model: Any, images: Any, batch_size: int = 256) -> np.ndarray:
 
 
 # -- search --------------------------------------------------------------------------------------
-_BF16_SCORE_EPS = 2.0**-7
-"""Bound on |fp32 - bf16| cosine of unit vectors: bf16 inputs (2**-8 relative, summed by
-Cauchy-Schwarz) plus the bf16 rounding of the score itself (2**-9)."""
+def bf16_score_eps(d: int) -> float:
+    """Certified bound on ``|bf16 score - exact cosine|`` of two unit ``d``-vectors, the score
+    computed as torch does on CPU and GPU: inputs rounded to bf16 (relative error ``u = 2**-8``
+    each, so ``2u + u**2`` on the dot product by Cauchy-Schwarz), products summed in fp32
+    (``d * 2**-24``), the sum rounded to bf16 (``u`` relative, ``|score| <= 1 + ...``). 1 % and
+    ``1e-6`` of slack cover inputs normalised in fp32 (norm ``1 +- 1e-7``) and flushed denormals."""
+    u = 2.0**-8
+    e_in = (2 * u + u * u) + (d + 2) * 2.0**-24 * (1 + u) ** 2
+    return (e_in + u * (1 + e_in) / (1 - u)) * 1.01 + 1e-6
 
 
-SEARCH_STATS = {"bf16_rows": 0, "fp32_fallback_rows": 0}
-"""Counters of the bf16 exact search: query rows scored in bf16, and those the error bound could
-not certify (searched again in fp32). Diagnostics for benchmarks; reset them freely."""
-
-
-def bf16_matmul_is_fast() -> bool:
-    """True on CPUs with native bf16 matmuls (AMX or AVX512-BF16), where bf16 scoring is 2-5x fp32."""
-    import torch
-
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
+SEARCH_STATS = {"rows": 0, "candidates": 0}
+"""Counters of the bf16 exact search: query rows searched, and (row, key) candidates re-ranked
+in fp32 (the candidates per row show how well the threshold prunes). For benchmarks; reset freely."""
 
 
 def topk_blocked(scores, k: int, block: int = 65_536):
@@ -238,26 +240,97 @@ def topk_blocked(scores, k: int, block: int = 65_536):
     return v, torch.gather(torch.cat(idxs, 1), 1, j)
 
 
-def _bf16_rerank(qc, kt, kb, k: int, pad: int):
-    """Candidates by bf16 score, ranked by fp32 score; rows whose result the bf16 error bound
-    cannot certify are searched again in fp32, so the result equals exact search."""
+def _rank_in_row(rows, vals, n_rows: int, ties=None):
+    """Order of (row, value) pairs grouped by row, values descending (then ``ties`` ascending),
+    and each pair's rank inside its row: a per-row top-k of ragged lists without padding."""
     import torch
 
-    m = kt.shape[0]
-    c = min(k + pad, m)
-    bv, cand = topk_blocked(qc.to(torch.bfloat16) @ kb.T, c)
-    exact = torch.einsum("rd,rcd->rc", qc, kt[cand])
-    v, j = torch.topk(exact, k, dim=1, largest=True, sorted=True)
-    i = torch.gather(cand, 1, j)
-    SEARCH_STATS["bf16_rows"] += qc.shape[0]
-    if c < m:
-        # any non-candidate scores <= (last candidate's bf16 score + eps) in fp32
-        unsure = (bv[:, -1].float() + _BF16_SCORE_EPS) >= v[:, -1]
-        if bool(unsure.any()):
-            rows = unsure.nonzero().squeeze(1)
-            SEARCH_STATS["fp32_fallback_rows"] += int(rows.numel())
-            v[rows], i[rows] = topk_blocked(qc[rows] @ kt.T, k)
+    order = torch.arange(rows.numel())
+    if ties is not None:
+        order = torch.argsort(ties, stable=True)
+    order = order[torch.argsort(vals[order], descending=True, stable=True)]
+    order = order[torch.argsort(rows[order], stable=True)]
+    counts = torch.bincount(rows, minlength=n_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    r = rows[order]
+    return order, r, torch.arange(order.numel()) - starts[r]
+
+
+def _raise_thresholds(topv, rows, vals, k: int):
+    """Merge new bf16 scores ``vals`` of ``rows`` into the running per-row top-``k`` ``topv``
+    (in place; only rows that got a score above their k-th are touched)."""
+    import torch
+
+    hit = vals > topv[rows, -1]
+    if not bool(hit.any()):
+        return
+    rows, vals = rows[hit], vals[hit]
+    urows, local = torch.unique(rows, return_inverse=True)
+    n = urows.numel()
+    all_r = torch.cat([torch.arange(n).repeat_interleave(k), local])
+    all_v = torch.cat([topv[urows].reshape(-1), vals])
+    order, r, rank = _rank_in_row(all_r, all_v, n)
+    keep = rank < k
+    sub = torch.empty(n, k, dtype=topv.dtype)
+    sub[r[keep], rank[keep]] = all_v[order[keep]]
+    topv[urows] = sub
+
+
+def _bf16_threshold_topk(q, kt, kb, k: int, block: int, eps: float):
+    """Exact top-``k`` of one query chunk: bf16 scores of bank blocks, keeping per query only
+    keys within ``2 eps`` of the running k-th bf16 score, then fp32 scores of those candidates.
+
+    Why exact: after any blocks, ``k`` keys have bf16 scores >= the running k-th ``t``, so their
+    true scores are >= ``t - eps`` and so is the true k-th score; a key whose bf16 score is
+    below ``t - 2 eps`` has a true score below ``t - eps``: not in the top-k (ties included).
+    No full score block is sorted; the candidates are re-ranked with fp32 dot products."""
+    import torch
+
+    n, m = q.shape[0], kt.shape[0]
+    qb = q.to(torch.bfloat16)
+    first = min(m, max(block, k))
+    s0 = (qb @ kb[:first].T).float()
+    topv = torch.topk(s0, k, dim=1, sorted=True).values  # running top-k of bf16 scores
+    parts = []
+
+    def collect(scores, offset: int, merge: bool = True) -> None:
+        rr, cc = (scores >= (topv[:, -1] - 2 * eps).unsqueeze(1)).nonzero(as_tuple=True)
+        vv = scores[rr, cc].float()
+        parts.append((rr, cc + offset, vv))
+        if merge:
+            _raise_thresholds(topv, rr, vv, k)
+
+    collect(s0, 0, merge=False)  # its top-k is already in topv
+    del s0
+    for start in range(first, m, block):
+        collect(qb @ kb[start : start + block].T, start)
+    rows = torch.cat([p[0] for p in parts])
+    cols = torch.cat([p[1] for p in parts])
+    vals = torch.cat([p[2] for p in parts])
+    keep = vals >= topv[rows, -1] - 2 * eps  # prune with the final threshold
+    rows, cols = rows[keep], cols[keep]
+    exact = torch.einsum("cd,cd->c", q[rows], kt[cols])
+    order, r, rank = _rank_in_row(rows, exact, n, ties=cols)
+    top = rank < k
+    v = torch.empty(n, k, dtype=torch.float32)
+    i = torch.empty(n, k, dtype=torch.int64)
+    v[r[top], rank[top]] = exact[order[top]]
+    i[r[top], rank[top]] = cols[order[top]]
+    SEARCH_STATS["rows"] += n
+    SEARCH_STATS["candidates"] += int(rows.numel())
     return v, i
+
+
+def exact_precision(precision: str) -> str:
+    """``fp32`` or ``bf16`` for the exact torch search: ``auto`` is ``bf16`` where bf16 matmuls
+    beat fp32 on this CPU (:func:`cmrcnet.runtime.bf16_is_faster`); the result is exact either way."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    from cmrcnet.runtime import bf16_is_faster
+
+    return "bf16" if bf16_is_faster("cpu") else "fp32"
 
 
 def search_torch(
@@ -266,34 +339,38 @@ def search_torch(
     k: int,
     chunk_bytes: int = 256 << 20,
     precision: str = "auto",
-    pad: int = 64,
+    block: int = 16_384,
+    chunk_rows: int = 1024,
+    keys_bf16: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search with torch matmuls; queries chunked so a score block stays under ``chunk_bytes``.
+    """Exact search with torch matmuls: ``(sims (N, k), idx (N, k))`` sorted by descending cosine.
 
     The torch path of :func:`search`, without its checks: ``q`` (N, D) and ``keys`` (M, D) must
-    already be float32 and L2-normalised, and ``k <= M``. Returns ``(sims (N, k), idx (N, k))``
-    sorted by descending cosine.
+    already be float32 and L2-normalised, and ``k <= M``.
 
-    ``precision``: ``fp32`` (and ``auto``); ``bf16``: bf16 scores pick ``k + pad`` candidates,
-    fp32 ranks them, and rows the bf16 error bound cannot certify are redone in fp32, so the
-    result stays exact. It pays only where the scores are spread out: on dense banks most rows
-    are redone (92 % at 1M in docs/PERFORMANCE.md), so ``auto`` stays fp32.
+    ``precision`` (see :func:`exact_precision`): ``fp32`` scores query chunks whose score block
+    stays under ``chunk_bytes`` and takes a blocked top-k of it; ``bf16`` scores ``chunk_rows``
+    queries against ``block`` keys at a time in bf16 and keeps only candidates the bf16 error
+    bound (:func:`bf16_score_eps`) cannot rule out, then ranks them in fp32: the same result as
+    fp32 search (up to the order of keys whose fp32 scores tie within rounding), without
+    sorting any score block. ``keys_bf16``: the keys already in bf16 (a cached copy).
     """
     import torch
 
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
-    use_bf16 = precision == "bf16"
+    use_bf16 = exact_precision(precision) == "bf16"
     sims_out = np.empty((q.shape[0], k), np.float32)
     idx_out = np.empty((q.shape[0], k), np.int64)
     # autocast off: an outer bf16 autocast would otherwise turn the fp32 path into bf16
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         kt = torch.from_numpy(keys)
-        kb = kt.to(torch.bfloat16) if use_bf16 else None
-        rows = max(1, chunk_bytes // ((2 if use_bf16 else 4) * max(1, keys.shape[0])))
+        if use_bf16:
+            kb = keys_bf16 if keys_bf16 is not None else kt.to(torch.bfloat16)
+            rows, eps = max(1, int(chunk_rows)), bf16_score_eps(keys.shape[1])
+        else:
+            rows = max(1, chunk_bytes // (4 * max(1, keys.shape[0])))
         for s in range(0, q.shape[0], rows):
             qc = torch.from_numpy(q[s : s + rows])
-            v, i = _bf16_rerank(qc, kt, kb, k, pad) if use_bf16 else topk_blocked(qc @ kt.T, k)
+            v, i = _bf16_threshold_topk(qc, kt, kb, k, int(block), eps) if use_bf16 else topk_blocked(qc @ kt.T, k)
             sims_out[s : s + rows] = v.numpy()
             idx_out[s : s + rows] = i.numpy()
     return sims_out, idx_out
@@ -308,7 +385,7 @@ def _faiss():
 
 
 APPROXIMATE = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
-_QUERY_PARAMS = ("nprobe", "ef_search", "k_factor")
+_QUERY_PARAMS = ("nprobe", "ef_search", "k_factor", "precision", "block", "chunk_rows", "keys_bf16")
 """Index settings applied at query time (changing them does not rebuild an index)."""
 
 
@@ -415,8 +492,8 @@ def search(
     :func:`resolve_backend`) and IVF-PQ above. ``index``: a FAISS index already built over ``keys`` (see
     :meth:`Bank.search`, which caches one), else it is built here. Approximate backends
     may return ``-1`` indices when they find fewer than ``k`` candidates; their
-    similarity is then ``-inf``. ``precision`` (torch backend): ``auto``/``fp32``/``bf16``,
-    see :func:`search_torch`.
+    similarity is then ``-inf``. Torch backend settings: ``precision`` (``auto``/``fp32``/``bf16``),
+    ``block``, ``chunk_rows``, ``chunk_bytes``, ``keys_bf16``: see :func:`search_torch`.
     """
     q = l2_normalise(np.atleast_2d(queries))
     kk = l2_normalise(np.atleast_2d(keys))
@@ -437,7 +514,9 @@ def search(
             k,
             int(index_kwargs.get("chunk_bytes", 256 << 20)),
             str(index_kwargs.get("precision", "auto")),
-            int(index_kwargs.get("pad", 64)),
+            int(index_kwargs.get("block", 16_384)),
+            int(index_kwargs.get("chunk_rows", 1024)),
+            index_kwargs.get("keys_bf16"),
         )
     else:
         if index is None:
