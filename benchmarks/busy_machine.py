@@ -25,6 +25,7 @@ alike; the table gives medians and each setting's busy / idle ratio and busy / `
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,13 @@ def main() -> None:
         raise SystemExit(f"--settings: unknown {bad}; choose from {sorted(SETTINGS)}")
     rep = C.Report("busy_machine", args)
     work = Path(tempfile.mkdtemp(prefix="cmrcnet_busy_"))
+    try:
+        measure(args, settings, rep, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, settings: list[str], rep: C.Report, work: Path) -> None:
     data, test = C.her2st_dir(args.data), args.test
     if args.smoke or data is None:
         if data is None:
@@ -134,6 +142,8 @@ def main() -> None:
         for setting in settings:
             for busy in (False, True):
                 times.setdefault((setting, busy), []).append(timed_run(args, data, test, setting, busy, work))
+                print(f"{setting} {'busy' if busy else 'idle'}: {times[(setting, busy)][-1]:.1f} s, "
+                      f"load {C.loadavg()}", flush=True)
                 loads.setdefault((setting, busy), []).append(C.loadavg()[0] if C.loadavg() else float("nan"))
     base = C.median(times[(settings[0], False)])
     rows = []

@@ -240,85 +240,105 @@ def topk_blocked(scores, k: int, block: int = 65_536):
     return v, torch.gather(torch.cat(idxs, 1), 1, j)
 
 
-def _rank_in_row(rows, vals, n_rows: int, ties=None):
-    """Order of (row, value) pairs grouped by row, values descending (then ``ties`` ascending),
-    and each pair's rank inside its row: a per-row top-k of ragged lists without padding."""
+def _padded(rows, n_rows: int, *cols):
+    """Ragged per-row lists (``rows`` sorted, as ``nonzero`` gives them) as dense ``(n_rows, width)``
+    tensors, one per ``cols``, padded with ``-inf`` (floats) or ``-1`` (ints)."""
     import torch
 
-    order = torch.arange(rows.numel())
-    if ties is not None:
-        order = torch.argsort(ties, stable=True)
-    order = order[torch.argsort(vals[order], descending=True, stable=True)]
-    order = order[torch.argsort(rows[order], stable=True)]
     counts = torch.bincount(rows, minlength=n_rows)
-    starts = torch.cumsum(counts, 0) - counts
-    r = rows[order]
-    return order, r, torch.arange(order.numel()) - starts[r]
+    width = int(counts.max()) if rows.numel() else 0
+    pos = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+    out = []
+    for c in cols:
+        fill = float("-inf") if c.is_floating_point() else -1
+        d = torch.full((n_rows, width), fill, dtype=c.dtype)
+        d[rows, pos] = c
+        out.append(d)
+    return out
 
 
-def _raise_thresholds(topv, rows, vals, k: int):
-    """Merge new bf16 scores ``vals`` of ``rows`` into the running per-row top-``k`` ``topv``
-    (in place; only rows that got a score above their k-th are touched)."""
+def _bf16_floor(x):
+    """bf16 values ``<= x`` (fp32), within 1.5 bf16 ulps: the compare then runs on bf16 scores
+    without converting them, and rounding never raises the threshold."""
     import torch
 
-    hit = vals > topv[rows, -1]
-    if not bool(hit.any()):
-        return
-    rows, vals = rows[hit], vals[hit]
-    urows, local = torch.unique(rows, return_inverse=True)
-    n = urows.numel()
-    all_r = torch.cat([torch.arange(n).repeat_interleave(k), local])
-    all_v = torch.cat([topv[urows].reshape(-1), vals])
-    order, r, rank = _rank_in_row(all_r, all_v, n)
-    keep = rank < k
-    sub = torch.empty(n, k, dtype=topv.dtype)
-    sub[r[keep], rank[keep]] = all_v[order[keep]]
-    topv[urows] = sub
+    return (x - x.abs() * 2.0**-7 - 1e-30).to(torch.bfloat16)
+
+
+_GROUP = 64
+"""Scores are screened in groups of this many keys (a max per group, then only groups whose max
+reaches the threshold are looked at): a full compare + ``nonzero`` pass cost as much as the GEMM."""
+
+
+def _above(scores, lo):
+    """``(rows, cols, values)`` of the entries of ``scores`` (n, w) that are ``>= lo`` (n,), rows
+    ascending (what :func:`_padded` needs). Keys ``c, c + w/g, c + 2w/g, ...`` form a group, so
+    the group maxima are an elementwise max over contiguous rows of the (n, g, w/g) view."""
+    n, w = scores.shape
+    g = _GROUP if w % _GROUP == 0 and w >= 4 * _GROUP else 1
+    lo = lo.unsqueeze(1)
+    if g == 1:
+        flat = (scores >= lo).view(-1).nonzero().squeeze(1)
+        return flat // w, flat % w, scores.view(-1)[flat].float()
+    s3 = scores.view(n, g, w // g)
+    if bool((lo > 0).all()):
+        # positive bf16 values order like their bits as int16 (negative ones fall below any
+        # positive threshold either way), and an int16 max is 5x faster than a bf16 one
+        import torch
+
+        gmax = s3.view(torch.int16).amax(1) >= lo.view(torch.int16)
+    else:
+        gmax = s3.amax(1) >= lo
+    gr, gc = gmax.nonzero(as_tuple=True)  # groups holding a candidate
+    sub = s3[gr, :, gc]  # (groups, g): their scores
+    hit_g, hit_t = (sub >= lo[gr]).nonzero(as_tuple=True)
+    # nonzero is row-major: gr ascends, and so does hit_g, so the rows come out ascending
+    return gr[hit_g], hit_t * (w // g) + gc[hit_g], sub[hit_g, hit_t].float()
 
 
 def _bf16_threshold_topk(q, kt, kb, k: int, block: int, eps: float):
     """Exact top-``k`` of one query chunk: bf16 scores of bank blocks, keeping per query only
-    keys within ``2 eps`` of the running k-th bf16 score, then fp32 scores of those candidates.
+    keys within ``2 eps`` of the running k-th bf16 score; the survivors of the final threshold
+    are ranked by fp32 dot products.
 
     Why exact: after any blocks, ``k`` keys have bf16 scores >= the running k-th ``t``, so their
     true scores are >= ``t - eps`` and so is the true k-th score; a key whose bf16 score is
     below ``t - 2 eps`` has a true score below ``t - eps``: not in the top-k (ties included).
-    No full score block is sorted; the candidates are re-ranked with fp32 dot products."""
+    No score block is sorted: per block a compare, and a top-k merge of ``k + (candidates in
+    the block)`` columns per row for the threshold."""
     import torch
 
     n, m = q.shape[0], kt.shape[0]
     qb = q.to(torch.bfloat16)
     first = min(m, max(block, k))
-    s0 = (qb @ kb[:first].T).float()
-    topv = torch.topk(s0, k, dim=1, sorted=True).values  # running top-k of bf16 scores
+    s0 = qb @ kb[:first].T
+    bv = torch.topk(s0.float(), k, dim=1, sorted=True).values  # running top-k of bf16 scores
     parts = []
-
-    def collect(scores, offset: int, merge: bool = True) -> None:
-        rr, cc = (scores >= (topv[:, -1] - 2 * eps).unsqueeze(1)).nonzero(as_tuple=True)
-        vv = scores[rr, cc].float()
-        parts.append((rr, cc + offset, vv))
-        if merge:
-            _raise_thresholds(topv, rr, vv, k)
-
-    collect(s0, 0, merge=False)  # its top-k is already in topv
+    threads = torch.get_num_threads()
+    for start, stop in [(0, first)] + [(s, min(m, s + block)) for s in range(first, m, block)]:
+        scores = s0 if start == 0 else qb @ kb[start:stop].T
+        # the screening ops are small: on 1 thread each takes well under a millisecond, on 2 threads
+        # of a loaded machine each waited for a descheduled OpenMP thread (10-25 ms per op)
+        torch.set_num_threads(1)
+        try:
+            rows, cols, vals = _above(scores, _bf16_floor(bv[:, -1] - 2 * eps))
+            parts.append((rows, cols + start, vals))
+            if start > 0 and rows.numel():  # block 0's bf16 top-k is already in bv
+                (new_bv,) = _padded(rows, n, vals)
+                bv = torch.topk(torch.cat([bv, new_bv], 1), k, dim=1, sorted=True).values
+        finally:
+            torch.set_num_threads(threads)
     del s0
-    for start in range(first, m, block):
-        collect(qb @ kb[start : start + block].T, start)
-    rows = torch.cat([p[0] for p in parts])
-    cols = torch.cat([p[1] for p in parts])
-    vals = torch.cat([p[2] for p in parts])
-    keep = vals >= topv[rows, -1] - 2 * eps  # prune with the final threshold
+    rows, cols, vals = (torch.cat(x) for x in zip(*parts))
+    keep = (vals >= bv[rows, -1] - 2 * eps).nonzero().squeeze(1)  # the final threshold
+    keep = keep[torch.argsort(rows[keep], stable=True)]
     rows, cols = rows[keep], cols[keep]
     exact = torch.einsum("cd,cd->c", q[rows], kt[cols])
-    order, r, rank = _rank_in_row(rows, exact, n, ties=cols)
-    top = rank < k
-    v = torch.empty(n, k, dtype=torch.float32)
-    i = torch.empty(n, k, dtype=torch.int64)
-    v[r[top], rank[top]] = exact[order[top]]
-    i[r[top], rank[top]] = cols[order[top]]
+    pv, pi = _padded(rows, n, exact, cols)
+    v, j = torch.topk(pv, k, dim=1, sorted=True)
     SEARCH_STATS["rows"] += n
     SEARCH_STATS["candidates"] += int(rows.numel())
-    return v, i
+    return v, torch.gather(pi, 1, j)
 
 
 def exact_precision(precision: str) -> str:
