@@ -147,13 +147,20 @@ def test_bank_search_builds_an_index_once(monkeypatch) -> None:
     assert len(builds) == 2
 
 
-def test_auto_backend_by_bank_size() -> None:
+@pytest.mark.parametrize("bf16_faster", [False, True])
+def test_auto_backend_by_bank_size(monkeypatch, bf16_faster: bool) -> None:
+    import cmrcnet.runtime as rt
     from cmrcnet.retrieval import resolve_backend
 
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": bf16_faster)
     assert resolve_backend("auto", 10_000) == "torch"
-    assert resolve_backend("auto", 1_000_000) == "faiss-flat"  # exact; FAISS's tiled top-k is faster there
+    # exact: the bf16 threshold search where bf16 is faster, else FAISS's tiled fp32 top-k
+    assert resolve_backend("auto", 1_000_000) == ("torch" if bf16_faster else "faiss-flat")
+    assert resolve_backend("auto", 100_000) == "faiss-flat"  # the bf16 search's threshold is still loose there
+    assert resolve_backend("auto", 1_000_000, precision="fp32") == "faiss-flat"  # fp32 asked for: FAISS's is faster
+    if not bf16_faster:
+        assert resolve_backend("auto", 3_000_000, auto_exact_max=5_000_000) == "faiss-flat"
     assert resolve_backend("auto", 3_000_000) == "faiss-ivfpq"
-    assert resolve_backend("auto", 3_000_000, auto_exact_max=5_000_000) == "faiss-flat"
     assert resolve_backend("faiss-hnsw", 10) == "faiss-hnsw"  # explicit choice wins
 
 

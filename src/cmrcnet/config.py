@@ -114,8 +114,8 @@ class RetrievalConfig:
     backend: str = _f("auto", choices=("auto", "torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"))
     """``auto``, ``torch`` (exact), ``faiss-flat`` (exact), ``faiss-ivf``, ``faiss-ivfpq``, ``faiss-hnsw``."""
     auto_exact_max: int = _f(2_000_000, min=1)
-    """``auto`` uses exact search up to this bank size (torch to 50k rows, FAISS flat above), an
-    approximate index (IVF-PQ) beyond."""
+    """``auto`` uses exact search up to this bank size (torch fp32 to 50k rows, then FAISS flat,
+    from 500k rows torch's bf16 threshold search where bf16 is faster), an approximate index (IVF-PQ) beyond."""
     exact_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
     """Exact (torch) search scoring: ``fp32``, ``bf16`` (bf16 scores with a running per-query
     threshold and a certified error bound, candidates re-ranked in fp32: the same result as fp32)

@@ -88,7 +88,7 @@ class Bank:
     ) -> tuple[np.ndarray, np.ndarray]:
         """:func:`search` over this bank; a FAISS index is built once per backend and build
         settings, then reused for every later call (one per predicted section)."""
-        b = resolve_backend(backend, len(self), auto_exact_max)
+        b = resolve_backend(backend, len(self), auto_exact_max, str(index_kwargs.get("precision", "auto")))
         index = None
         if b == "torch" and exact_precision(str(index_kwargs.get("precision", "auto"))) == "bf16":
             if "_keys_bf16" not in self.__dict__:  # converted once, reused by every later search
@@ -479,21 +479,31 @@ def build_faiss_index(keys: np.ndarray, backend: str, **index_kwargs: Any):
 
 
 TORCH_EXACT_MAX = 50_000
-"""``auto`` searches banks up to this size with torch (no index to build); larger exact searches
-go to FAISS's flat index, whose tiled BLAS scoring with a heap top-k was 2x faster at 1M rows
-(docs/PERFORMANCE.md)."""
+"""Where bf16 is not faster than fp32, ``auto`` searches banks up to this size with torch fp32 (no
+index to build) and larger exact searches go to FAISS's flat index, whose tiled BLAS scoring
+with a heap top-k was 2x faster than torch fp32 at 1M rows (docs/PERFORMANCE.md)."""
 
 
-def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000) -> str:
-    """``auto``: exact search up to ``auto_exact_max`` keys (``torch`` below
-    :data:`TORCH_EXACT_MAX`, ``faiss-flat`` above), an IVF-PQ index beyond."""
+TORCH_BF16_MIN = 500_000
+"""From this bank size ``auto`` takes the bf16 threshold search over FAISS flat where bf16 is
+faster: 1.75x FAISS flat at 10k x 1M, but 0.85x at 10k x 100k, where the running threshold
+is still loose for most blocks (docs/PERFORMANCE.md, section 5)."""
+
+
+def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000, precision: str = "auto") -> str:
+    """``auto``: exact search up to ``auto_exact_max`` keys, an IVF-PQ index beyond. Exact is
+    ``torch`` (fp32) below :data:`TORCH_EXACT_MAX`, ``torch`` with the bf16 threshold search from
+    :data:`TORCH_BF16_MIN` where bf16 matmuls are faster, else ``faiss-flat``. ``precision``: the
+    search's setting (``fp32`` asked for: FAISS flat above :data:`TORCH_EXACT_MAX`)."""
     if backend not in BACKENDS:
         raise ConfigError(f"retrieval backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     if n_keys > auto_exact_max:
         return "faiss-ivfpq"
-    return "torch" if n_keys <= TORCH_EXACT_MAX else "faiss-flat"
+    if n_keys <= TORCH_EXACT_MAX or (n_keys >= TORCH_BF16_MIN and exact_precision(precision) == "bf16"):
+        return "torch"
+    return "faiss-flat"
 
 
 def search(
@@ -526,7 +536,7 @@ def search(
     k = min(int(k), kk.shape[0])
     if q.shape[0] == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    b = resolve_backend(backend, kk.shape[0], auto_exact_max)
+    b = resolve_backend(backend, kk.shape[0], auto_exact_max, str(index_kwargs.get("precision", "auto")))
     if b == "torch":
         sims, idx = search_torch(
             q,
