@@ -111,10 +111,12 @@ def test_bf16_error_bound_holds(d: int) -> None:
 def test_auto_precision_follows_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     import cmrcnet.runtime as rt
 
+    big = R.TORCH_BF16_MIN
     monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": True)
-    assert R.exact_precision("auto") == "bf16"
+    assert R.exact_precision("auto", big) == "bf16"
+    assert R.exact_precision("auto", big - 1) == "fp32"  # small banks: the threshold search does not pay
     monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": False)
-    assert R.exact_precision("auto") == "fp32"
-    assert R.exact_precision("bf16") == "bf16"
+    assert R.exact_precision("auto", big) == "fp32"
+    assert R.exact_precision("bf16", 10) == "bf16" and R.exact_precision("fp32", big) == "fp32"
     with pytest.raises(ConfigError):
-        R.exact_precision("fp8")
+        R.exact_precision("fp8", big)

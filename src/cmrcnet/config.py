@@ -119,7 +119,8 @@ class RetrievalConfig:
     exact_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
     """Exact (torch) search scoring: ``fp32``, ``bf16`` (bf16 scores with a running per-query
     threshold and a certified error bound, candidates re-ranked in fp32: the same result as fp32)
-    or ``auto`` (``bf16`` where the matmul probe finds bf16 faster: :func:`cmrcnet.runtime.bf16_is_faster`)."""
+    or ``auto`` (``bf16`` for banks from 500k rows where the matmul probe finds bf16 faster:
+    :func:`cmrcnet.retrieval.exact_precision`)."""
     index: dict[str, Any] = field(default_factory=dict)
     """Approximate-index settings (``nlist``, ``nprobe``, ``pq_m``, ``k_factor``, ``M``, ``ef_search``)."""
     embed_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))

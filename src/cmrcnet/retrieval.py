@@ -90,7 +90,7 @@ class Bank:
         settings, then reused for every later call (one per predicted section)."""
         b = resolve_backend(backend, len(self), auto_exact_max, str(index_kwargs.get("precision", "auto")))
         index = None
-        if b == "torch" and exact_precision(str(index_kwargs.get("precision", "auto"))) == "bf16":
+        if b == "torch" and exact_precision(str(index_kwargs.get("precision", "auto")), len(self)) == "bf16":
             if "_keys_bf16" not in self.__dict__:  # converted once, reused by every later search
                 import torch
 
@@ -341,13 +341,22 @@ def _bf16_threshold_topk(q, kt, kb, k: int, block: int, eps: float):
     return v, torch.gather(pi, 1, j)
 
 
-def exact_precision(precision: str) -> str:
-    """``fp32`` or ``bf16`` for the exact torch search: ``auto`` is ``bf16`` where bf16 matmuls
-    beat fp32 on this CPU (:func:`cmrcnet.runtime.bf16_is_faster`); the result is exact either way."""
+TORCH_BF16_MIN = 500_000
+"""From this bank size ``auto`` runs exact search as the bf16 threshold search where bf16 is
+faster: 1.75x FAISS flat at 10k x 1M, but 0.85x at 10k x 100k (the running threshold stays
+loose for most blocks) and no faster than torch fp32 at 50k or below (docs/PERFORMANCE.md 5c)."""
+
+
+def exact_precision(precision: str, n_keys: int) -> str:
+    """``fp32`` or ``bf16`` for the exact torch search over ``n_keys`` keys: ``auto`` is ``bf16``
+    from :data:`TORCH_BF16_MIN` keys where bf16 matmuls beat fp32 on this CPU
+    (:func:`cmrcnet.runtime.bf16_is_faster`); the result is exact either way."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
     if precision != "auto":
         return precision
+    if n_keys < TORCH_BF16_MIN:
+        return "fp32"
     from cmrcnet.runtime import bf16_is_faster
 
     return "bf16" if bf16_is_faster("cpu") else "fp32"
@@ -377,7 +386,7 @@ def search_torch(
     """
     import torch
 
-    use_bf16 = exact_precision(precision) == "bf16"
+    use_bf16 = exact_precision(precision, keys.shape[0]) == "bf16"
     sims_out = np.empty((q.shape[0], k), np.float32)
     idx_out = np.empty((q.shape[0], k), np.int64)
     # autocast off: an outer bf16 autocast would otherwise turn the fp32 path into bf16
@@ -484,12 +493,6 @@ index to build) and larger exact searches go to FAISS's flat index, whose tiled 
 with a heap top-k was 2x faster than torch fp32 at 1M rows (docs/PERFORMANCE.md)."""
 
 
-TORCH_BF16_MIN = 500_000
-"""From this bank size ``auto`` takes the bf16 threshold search over FAISS flat where bf16 is
-faster: 1.75x FAISS flat at 10k x 1M, but 0.85x at 10k x 100k, where the running threshold
-is still loose for most blocks (docs/PERFORMANCE.md, section 5)."""
-
-
 def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000, precision: str = "auto") -> str:
     """``auto``: exact search up to ``auto_exact_max`` keys, an IVF-PQ index beyond. Exact is
     ``torch`` (fp32) below :data:`TORCH_EXACT_MAX`, ``torch`` with the bf16 threshold search from
@@ -501,7 +504,7 @@ def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000, 
         return backend
     if n_keys > auto_exact_max:
         return "faiss-ivfpq"
-    if n_keys <= TORCH_EXACT_MAX or (n_keys >= TORCH_BF16_MIN and exact_precision(precision) == "bf16"):
+    if n_keys <= TORCH_EXACT_MAX or exact_precision(precision, n_keys) == "bf16":
         return "torch"
     return "faiss-flat"
 
