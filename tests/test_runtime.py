@@ -43,7 +43,7 @@ def test_defaults_when_unset() -> None:
 
 
 @pytest.mark.parametrize("var,value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000"),
-                                       ("KMP_BLOCKTIME", "0")])
+                                       ("KMP_BLOCKTIME", "0"), ("OMP_WAIT_POLICY", "")])
 def test_user_wait_policy_kept(var: str, value: str) -> None:
     env = {var: value}
     assert "OMP_WAIT_POLICY" not in thread_defaults(env)

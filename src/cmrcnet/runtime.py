@@ -68,9 +68,9 @@ def thread_defaults(environ: Mapping[str, str] | None = None, n_parallel: int = 
     than the machine has (otherwise torch's own default, the physical cores, is kept)."""
     env = os.environ if environ is None else environ
     out: dict[str, str] = {}
-    if not any(env.get(v) for v in WAIT_VARS):
+    if not any(v in env for v in WAIT_VARS):  # set at all, even empty: the user's choice
         out["OMP_WAIT_POLICY"] = "PASSIVE"
-    if not any(env.get(v) for v in COUNT_VARS):
+    if not any(v in env for v in COUNT_VARS):
         cores = usable_cores()
         if n_parallel > 1:
             out["OMP_NUM_THREADS"] = str(max(1, cores // n_parallel))
