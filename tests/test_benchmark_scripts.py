@@ -107,3 +107,39 @@ def test_slide_throughput_smoke(tmp_path: Path) -> None:
     assert {r["prefetch"] for r in rows} == {0, 2}
     assert all(r["pixel_size_source"].startswith("openslide.mpp-x") and r["peak_rss_mb"] > 0 for r in rows)
     assert len({r["spots"] for r in rows}) == 1  # the same slide, whatever the reading thread
+
+
+def test_exact_search_smoke(tmp_path: Path) -> None:
+    proc = run_script("exact_search.py", tmp_path, "--methods", "faiss-flat,torch-bf16,torch-fp32,gemm-bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_envelope(tmp_path / "out.json", {"exact"})
+    searched = [r for r in payload["tables"]["exact"] if r["method"] != "gemm-bf16"]
+    assert {r["method"] for r in searched} == {"faiss-flat", "torch-bf16", "torch-fp32"}
+    assert all(r["recall"] == pytest.approx(1.0) and r["max_kth_gap"] < 1e-5 for r in searched)
+
+
+def test_approx_frontier_smoke(tmp_path: Path) -> None:
+    proc = run_script("approx_frontier.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_envelope(tmp_path / "out.json", {"frontier"})
+    methods = {r["method"] for r in payload["tables"]["frontier"]}
+    assert {"ivf-flat", "ivf-pq-rflat", "ivf-sq8-rflat", "hnsw"} <= methods
+    assert all(0 <= r["recall"] <= 1 for r in payload["tables"]["frontier"])
+
+
+def test_train_step_smoke(tmp_path: Path) -> None:
+    proc = run_script("train_step.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = check_envelope(tmp_path / "out.json", {"steps"})["tables"]["steps"]
+    assert {(r["precision"], r["attention"]) for r in rows} == {("fp32", "never"), ("fp32", "always"),
+                                                                ("bf16", "never"), ("bf16", "always")}
+    assert all(r["step_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_busy_machine_smoke(tmp_path: Path) -> None:
+    """Three tiny training processes (one untimed), one beside a competitor: ~30-60 s."""
+    proc = run_script("busy_machine.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = check_envelope(tmp_path / "out.json", {"runs"})["tables"]["runs"]
+    assert row["setting"] == "default" and row["idle_s"] > 0 and row["busy_s"] > 0

@@ -108,27 +108,6 @@ def test_ivfpq_reranks_to_high_recall() -> None:
     assert recall >= 0.95, recall
 
 
-@pytest.mark.parametrize("pad", [64, 1])
-def test_bf16_candidates_with_fp32_rerank_are_exact(pad: int) -> None:
-    """Near-duplicate keys put many candidates inside bf16's error; pad=1 forces the fp32
-    fallback for uncertified rows, and both must equal exact fp32 search."""
-    from cmrcnet.retrieval import search_torch
-
-    rng = np.random.default_rng(3)
-    base = l2_normalise(rng.normal(size=(100, 32)))
-    keys = l2_normalise(np.repeat(base, 30, 0) + 1e-3 * rng.normal(size=(3000, 32)))
-    q = l2_normalise(base[:40] + 0.05 * rng.normal(size=(40, 32)))
-    ref_s, ref_i = brute_force(q, keys, 10)
-    s, i = search_torch(q, keys, 10, precision="bf16", pad=pad)
-    np.testing.assert_allclose(s, ref_s, atol=1e-5)
-    # equal up to the order of exact ties: compare the scores of the returned indices
-    got = np.take_along_axis(q.astype(np.float64) @ keys.T.astype(np.float64), i, 1)
-    np.testing.assert_allclose(got, ref_s, atol=1e-6)
-    assert s.dtype == np.float32 and i.dtype == np.int64
-    with pytest.raises(ConfigError):
-        search_torch(q, keys, 10, precision="fp8")
-
-
 def test_blocked_topk_equals_topk() -> None:
     from cmrcnet.retrieval import topk_blocked
 
@@ -168,13 +147,20 @@ def test_bank_search_builds_an_index_once(monkeypatch) -> None:
     assert len(builds) == 2
 
 
-def test_auto_backend_by_bank_size() -> None:
+@pytest.mark.parametrize("bf16_faster", [False, True])
+def test_auto_backend_by_bank_size(monkeypatch, bf16_faster: bool) -> None:
+    import cmrcnet.runtime as rt
     from cmrcnet.retrieval import resolve_backend
 
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": bf16_faster)
     assert resolve_backend("auto", 10_000) == "torch"
-    assert resolve_backend("auto", 1_000_000) == "faiss-flat"  # exact; FAISS's tiled top-k is faster there
+    # exact: the bf16 threshold search where bf16 is faster, else FAISS's tiled fp32 top-k
+    assert resolve_backend("auto", 1_000_000) == ("torch" if bf16_faster else "faiss-flat")
+    assert resolve_backend("auto", 100_000) == "faiss-flat"  # the bf16 search's threshold is still loose there
+    assert resolve_backend("auto", 1_000_000, precision="fp32") == "faiss-flat"  # fp32 asked for: FAISS's is faster
+    if not bf16_faster:
+        assert resolve_backend("auto", 3_000_000, auto_exact_max=5_000_000) == "faiss-flat"
     assert resolve_backend("auto", 3_000_000) == "faiss-ivfpq"
-    assert resolve_backend("auto", 3_000_000, auto_exact_max=5_000_000) == "faiss-flat"
     assert resolve_backend("faiss-hnsw", 10) == "faiss-hnsw"  # explicit choice wins
 
 

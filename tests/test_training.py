@@ -309,3 +309,27 @@ def test_runs_saved_before_run_json_still_load(synth, tmp_path):
         old = load_run(run)
     assert old.markers == ["GENE003"]
     assert predict_sample(old, samples[-1]).n_obs == samples[-1].n_spots
+
+
+@pytest.mark.parametrize("faster,want", [(False, "32-true"), (True, "bf16-mixed")])
+def test_auto_precision_is_resolved_and_recorded(synth, tmp_path, monkeypatch, faster: bool, want: str):
+    """train.precision=auto: the trainer gets the probe's choice and run.json records it."""
+    import lightning
+
+    import cmrcnet.runtime as rt
+
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": faster)
+    seen = {}
+    real = lightning.Trainer
+
+    def trainer(*a, **kw):
+        seen["precision"] = kw.get("precision")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lightning, "Trainer", trainer)
+    cfg = _cfg(synth, **{"train.precision": "auto", "train.epochs": 1, "train.max_steps": 1})
+    samples = load_samples(cfg)
+    run = train(cfg, tmp_path / "run", [samples[-1].sample_id], samples=samples)
+    info = json.loads((run / "run.json").read_text())
+    assert seen["precision"] == want
+    assert info["precision"] == want

@@ -15,6 +15,10 @@ Package layout: ``data`` (readers, slides, patches, genes, splits), ``models`` (
 method, a registry), ``training`` (Lightning glue, run directories, prediction), ``retrieval``
 (reference banks, top-k search), ``evaluation`` (metrics, gene sets), ``plots``/``report``,
 ``cohort``, ``export`` and ``cli`` (a thin layer over all of it).
+
+Importing the package (which every ``cmrcnet`` command does first) sets passive OpenMP waits
+and, in a CPU-restricted process, the thread count, unless the user set them or torch is
+already loaded: see :mod:`cmrcnet.runtime`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from __future__ import annotations
 import importlib
 import os as _os
 from typing import Any
+
+from cmrcnet.runtime import apply_thread_defaults as _apply_thread_defaults
+
+_apply_thread_defaults()
 
 __version__ = "0.1.0"
 

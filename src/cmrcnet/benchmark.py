@@ -233,15 +233,22 @@ def run_benchmark(
     return done
 
 
+def fold_process_env(n_parallel: int) -> dict[str, str]:
+    """Environment of the fold processes: each gets its share of the cores and sleeping OpenMP
+    waits (spinning ones made 2 fold processes on 2 cores 4-10x slower than one alone,
+    docs/PERFORMANCE.md), unless the user set these variables; this process's own defaults
+    (:mod:`cmrcnet.runtime`) are not passed on as if they were the user's."""
+    from cmrcnet.runtime import APPLIED, thread_defaults
+
+    env = {k: v for k, v in os.environ.items() if APPLIED.get(k) != v}
+    env.update(thread_defaults(env, n_parallel=n_parallel))
+    return env
+
+
 def _run_fold_processes(fold_ids: list[int], n_parallel: int, root: Path) -> list[Path]:
     """One process per fold (``python -m cmrcnet.benchmark ROOT --fold K``), at most ``n_parallel``
     at a time, threads split between them; every process reads ``ROOT/benchmark.yaml``."""
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
-    # Idle OpenMP threads spin by default; with several processes on few cores they steal the
-    # cores from each other's compute: 2 fold processes on 2 cores ran 4-10x slower than one
-    # alone (docs/PERFORMANCE.md). Sleeping waits remove that.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = fold_process_env(n_parallel)
     pending = list(fold_ids)
     running: list[tuple[int, subprocess.Popen]] = []
     failed: list[int] = []

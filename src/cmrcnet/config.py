@@ -83,9 +83,12 @@ class TrainConfig:
     weight_decay: float = _f(1e-3, min=0.0)
     min_lr: float = _f(1e-5, min=0.0)
     """Cosine schedule floor."""
-    precision: str = _f("32-true", choices=("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+    precision: str = _f("32-true", choices=("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
                                             "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64"))
-    """Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed``."""
+    """Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed``, or ``auto`` (the presets'
+    default): ``bf16-mixed`` where a quick matmul probe finds bf16 faster than fp32 on the training
+    device (AMX CPUs, GPUs), else ``32-true`` (:func:`cmrcnet.runtime.resolve_precision`; the
+    choice is recorded in run.json as ``precision``)."""
     accumulate_grad_batches: int = _f(1, min=1)
     augment: bool = True
     """Random flips and 90-degree rotations."""
@@ -111,11 +114,13 @@ class RetrievalConfig:
     backend: str = _f("auto", choices=("auto", "torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"))
     """``auto``, ``torch`` (exact), ``faiss-flat`` (exact), ``faiss-ivf``, ``faiss-ivfpq``, ``faiss-hnsw``."""
     auto_exact_max: int = _f(2_000_000, min=1)
-    """``auto`` uses exact search up to this bank size (torch to 50k rows, FAISS flat above), an
-    approximate index (IVF-PQ) beyond."""
+    """``auto`` uses exact search up to this bank size (torch fp32 to 50k rows, then FAISS flat,
+    from 500k rows torch's bf16 threshold search where bf16 is faster), an approximate index (IVF-PQ) beyond."""
     exact_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
-    """Exact (torch) search scoring: ``fp32`` (= ``auto``) or ``bf16`` (bf16 candidates re-ranked
-    in fp32, uncertain rows redone in fp32: still exact; faster only on well-spread banks)."""
+    """Exact (torch) search scoring: ``fp32``, ``bf16`` (bf16 scores with a running per-query
+    threshold and a certified error bound, candidates re-ranked in fp32: the same result as fp32)
+    or ``auto`` (``bf16`` for banks from 500k rows where the matmul probe finds bf16 faster:
+    :func:`cmrcnet.retrieval.exact_precision`)."""
     index: dict[str, Any] = field(default_factory=dict)
     """Approximate-index settings (``nlist``, ``nprobe``, ``pq_m``, ``k_factor``, ``M``, ``ef_search``)."""
     embed_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
@@ -151,7 +156,7 @@ GLOBAL_PRESETS: dict[str, dict[str, Any]] = {
         "train.epochs": 8,
         "train.batch_size": 64,
         "train.lr": 3e-4,
-        "train.precision": "bf16-mixed",
+        "train.precision": "auto",
         "genes.n_hvg": 1000,
     },
     "paper": {
@@ -159,7 +164,7 @@ GLOBAL_PRESETS: dict[str, dict[str, Any]] = {
         "train.epochs": 60,
         "train.batch_size": 64,
         "train.lr": 1e-4,
-        "train.precision": "bf16-mixed",
+        "train.precision": "auto",
         "genes.n_hvg": 1000,
     },
     "tiny": {

@@ -88,9 +88,15 @@ class Bank:
     ) -> tuple[np.ndarray, np.ndarray]:
         """:func:`search` over this bank; a FAISS index is built once per backend and build
         settings, then reused for every later call (one per predicted section)."""
-        b = resolve_backend(backend, len(self), auto_exact_max)
+        b = resolve_backend(backend, len(self), auto_exact_max, str(index_kwargs.get("precision", "auto")))
         index = None
-        if b != "torch":
+        if b == "torch" and exact_precision(str(index_kwargs.get("precision", "auto")), len(self)) == "bf16":
+            if "_keys_bf16" not in self.__dict__:  # converted once, reused by every later search
+                import torch
+
+                self.__dict__["_keys_bf16"] = torch.from_numpy(self.embeddings).to(torch.bfloat16)
+            index_kwargs = {**index_kwargs, "keys_bf16": self.__dict__["_keys_bf16"]}
+        elif b != "torch":
             build = tuple(sorted((key, v) for key, v in index_kwargs.items() if key not in _QUERY_PARAMS))
             cache = self.__dict__.setdefault("_indexes", {})
             if (b, build) not in cache:
@@ -200,24 +206,20 @@ def embed_images(model: Any, images: Any, batch_size: int = 256) -> np.ndarray:
 
 
 # -- search --------------------------------------------------------------------------------------
-_BF16_SCORE_EPS = 2.0**-7
-"""Bound on |fp32 - bf16| cosine of unit vectors: bf16 inputs (2**-8 relative, summed by
-Cauchy-Schwarz) plus the bf16 rounding of the score itself (2**-9)."""
+def bf16_score_eps(d: int) -> float:
+    """Certified bound on ``|bf16 score - exact cosine|`` of two unit ``d``-vectors, the score
+    computed as torch does on CPU and GPU: inputs rounded to bf16 (relative error ``u = 2**-8``
+    each, so ``2u + u**2`` on the dot product by Cauchy-Schwarz), products summed in fp32
+    (``d * 2**-24``), the sum rounded to bf16 (``u`` relative, ``|score| <= 1 + ...``). 1 % and
+    ``1e-6`` of slack cover inputs normalised in fp32 (norm ``1 +- 1e-7``) and flushed denormals."""
+    u = 2.0**-8
+    e_in = (2 * u + u * u) + (d + 2) * 2.0**-24 * (1 + u) ** 2
+    return (e_in + u * (1 + e_in) / (1 - u)) * 1.01 + 1e-6
 
 
-SEARCH_STATS = {"bf16_rows": 0, "fp32_fallback_rows": 0}
-"""Counters of the bf16 exact search: query rows scored in bf16, and those the error bound could
-not certify (searched again in fp32). Diagnostics for benchmarks; reset them freely."""
-
-
-def bf16_matmul_is_fast() -> bool:
-    """True on CPUs with native bf16 matmuls (AMX or AVX512-BF16), where bf16 scoring is 2-5x fp32."""
-    import torch
-
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
+SEARCH_STATS = {"rows": 0, "candidates": 0}
+"""Counters of the bf16 exact search: query rows searched, and (row, key) candidates re-ranked
+in fp32 (the candidates per row show how well the threshold prunes). For benchmarks; reset freely."""
 
 
 def topk_blocked(scores, k: int, block: int = 65_536):
@@ -238,26 +240,126 @@ def topk_blocked(scores, k: int, block: int = 65_536):
     return v, torch.gather(torch.cat(idxs, 1), 1, j)
 
 
-def _bf16_rerank(qc, kt, kb, k: int, pad: int):
-    """Candidates by bf16 score, ranked by fp32 score; rows whose result the bf16 error bound
-    cannot certify are searched again in fp32, so the result equals exact search."""
+def _padded(rows, n_rows: int, *cols):
+    """Ragged per-row lists (``rows`` sorted, as ``nonzero`` gives them) as dense ``(n_rows, width)``
+    tensors, one per ``cols``, padded with ``-inf`` (floats) or ``-1`` (ints)."""
     import torch
 
-    m = kt.shape[0]
-    c = min(k + pad, m)
-    bv, cand = topk_blocked(qc.to(torch.bfloat16) @ kb.T, c)
-    exact = torch.einsum("rd,rcd->rc", qc, kt[cand])
-    v, j = torch.topk(exact, k, dim=1, largest=True, sorted=True)
-    i = torch.gather(cand, 1, j)
-    SEARCH_STATS["bf16_rows"] += qc.shape[0]
-    if c < m:
-        # any non-candidate scores <= (last candidate's bf16 score + eps) in fp32
-        unsure = (bv[:, -1].float() + _BF16_SCORE_EPS) >= v[:, -1]
-        if bool(unsure.any()):
-            rows = unsure.nonzero().squeeze(1)
-            SEARCH_STATS["fp32_fallback_rows"] += int(rows.numel())
-            v[rows], i[rows] = topk_blocked(qc[rows] @ kt.T, k)
-    return v, i
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = int(counts.max()) if rows.numel() else 0
+    pos = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+    out = []
+    for c in cols:
+        fill = float("-inf") if c.is_floating_point() else -1
+        d = torch.full((n_rows, width), fill, dtype=c.dtype)
+        d[rows, pos] = c
+        out.append(d)
+    return out
+
+
+def _bf16_floor(x):
+    """bf16 values ``<= x`` (fp32), within 1.5 bf16 ulps: the compare then runs on bf16 scores
+    without converting them, and rounding never raises the threshold."""
+    import torch
+
+    return (x - x.abs() * 2.0**-7 - 1e-30).to(torch.bfloat16)
+
+
+_GROUP = 64
+"""Scores are screened in groups of this many keys (a max per group, then only groups whose max
+reaches the threshold are looked at): a full compare + ``nonzero`` pass cost as much as the GEMM."""
+
+
+def _above(scores, lo):
+    """``(rows, cols, values)`` of the entries of ``scores`` (n, w) that are ``>= lo`` (n,), rows
+    ascending (what :func:`_padded` needs). Keys ``c, c + w/g, c + 2w/g, ...`` form a group, so
+    the group maxima are an elementwise max over contiguous rows of the (n, g, w/g) view."""
+    n, w = scores.shape
+    g = _GROUP if w % _GROUP == 0 and w >= 4 * _GROUP else 1
+    lo = lo.unsqueeze(1)
+    if g == 1:
+        flat = (scores >= lo).view(-1).nonzero().squeeze(1)
+        return flat // w, flat % w, scores.view(-1)[flat].float()
+    s3 = scores.view(n, g, w // g)
+    if bool((lo > 0).all()):
+        # positive bf16 values order like their bits as int16 (negative ones fall below any
+        # positive threshold either way), and an int16 max is 5x faster than a bf16 one
+        import torch
+
+        gmax = s3.view(torch.int16).amax(1) >= lo.view(torch.int16)
+    else:
+        gmax = s3.amax(1) >= lo
+    gr, gc = gmax.nonzero(as_tuple=True)  # groups holding a candidate
+    sub = s3[gr, :, gc]  # (groups, g): their scores
+    hit_g, hit_t = (sub >= lo[gr]).nonzero(as_tuple=True)
+    # nonzero is row-major: gr ascends, and so does hit_g, so the rows come out ascending
+    return gr[hit_g], hit_t * (w // g) + gc[hit_g], sub[hit_g, hit_t].float()
+
+
+def _bf16_threshold_topk(q, kt, kb, k: int, block: int, eps: float):
+    """Exact top-``k`` of one query chunk: bf16 scores of bank blocks, keeping per query only
+    keys within ``2 eps`` of the running k-th bf16 score; the survivors of the final threshold
+    are ranked by fp32 dot products.
+
+    Why exact: after any blocks, ``k`` keys have bf16 scores >= the running k-th ``t``, so their
+    true scores are >= ``t - eps`` and so is the true k-th score; a key whose bf16 score is
+    below ``t - 2 eps`` has a true score below ``t - eps``: not in the top-k (ties included).
+    No score block is sorted: per block a compare, and a top-k merge of ``k + (candidates in
+    the block)`` columns per row for the threshold."""
+    import torch
+
+    n, m = q.shape[0], kt.shape[0]
+    qb = q.to(torch.bfloat16)
+    first = min(m, max(block, k))
+    s0 = qb @ kb[:first].T
+    bv = torch.topk(s0.float(), k, dim=1, sorted=True).values  # running top-k of bf16 scores
+    parts = []
+    threads = torch.get_num_threads()
+    for start, stop in [(0, first)] + [(s, min(m, s + block)) for s in range(first, m, block)]:
+        scores = s0 if start == 0 else qb @ kb[start:stop].T
+        # the screening ops are small: on 1 thread each takes well under a millisecond, on 2 threads
+        # of a loaded machine each waited for a descheduled OpenMP thread (10-25 ms per op)
+        torch.set_num_threads(1)
+        try:
+            rows, cols, vals = _above(scores, _bf16_floor(bv[:, -1] - 2 * eps))
+            parts.append((rows, cols + start, vals))
+            if start > 0 and rows.numel():  # block 0's bf16 top-k is already in bv
+                (new_bv,) = _padded(rows, n, vals)
+                bv = torch.topk(torch.cat([bv, new_bv], 1), k, dim=1, sorted=True).values
+        finally:
+            torch.set_num_threads(threads)
+    del s0
+    rows, cols, vals = (torch.cat(x) for x in zip(*parts))
+    keep = (vals >= bv[rows, -1] - 2 * eps).nonzero().squeeze(1)  # the final threshold
+    keep = keep[torch.argsort(rows[keep], stable=True)]
+    rows, cols = rows[keep], cols[keep]
+    exact = torch.einsum("cd,cd->c", q[rows], kt[cols])
+    pv, pi = _padded(rows, n, exact, cols)
+    v, j = torch.topk(pv, k, dim=1, sorted=True)
+    SEARCH_STATS["rows"] += n
+    SEARCH_STATS["candidates"] += int(rows.numel())
+    return v, torch.gather(pi, 1, j)
+
+
+TORCH_BF16_MIN = 500_000
+"""From this bank size ``auto`` runs exact search as the bf16 threshold search where bf16 is
+faster: 1.75x FAISS flat at 10k x 1M, but 0.85x at 10k x 100k (the running threshold stays
+loose for most blocks) and no faster than torch fp32 at 50k or below (docs/PERFORMANCE.md 5c)."""
+
+
+def exact_precision(precision: str, n_keys: int) -> str:
+    """``fp32`` or ``bf16`` for the exact torch search over ``n_keys`` keys: ``auto`` is ``bf16``
+    from :data:`TORCH_BF16_MIN` keys where bf16 matmuls beat fp32 on this CPU
+    (:func:`cmrcnet.runtime.bf16_is_faster`); the result is exact either way."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if n_keys < TORCH_BF16_MIN:
+        return "fp32"
+    from cmrcnet.runtime import bf16_is_faster
+
+    return "bf16" if bf16_is_faster("cpu") else "fp32"
 
 
 def search_torch(
@@ -266,34 +368,38 @@ def search_torch(
     k: int,
     chunk_bytes: int = 256 << 20,
     precision: str = "auto",
-    pad: int = 64,
+    block: int = 16_384,
+    chunk_rows: int = 1024,
+    keys_bf16: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search with torch matmuls; queries chunked so a score block stays under ``chunk_bytes``.
+    """Exact search with torch matmuls: ``(sims (N, k), idx (N, k))`` sorted by descending cosine.
 
     The torch path of :func:`search`, without its checks: ``q`` (N, D) and ``keys`` (M, D) must
-    already be float32 and L2-normalised, and ``k <= M``. Returns ``(sims (N, k), idx (N, k))``
-    sorted by descending cosine.
+    already be float32 and L2-normalised, and ``k <= M``.
 
-    ``precision``: ``fp32`` (and ``auto``); ``bf16``: bf16 scores pick ``k + pad`` candidates,
-    fp32 ranks them, and rows the bf16 error bound cannot certify are redone in fp32, so the
-    result stays exact. It pays only where the scores are spread out: on dense banks most rows
-    are redone (92 % at 1M in docs/PERFORMANCE.md), so ``auto`` stays fp32.
+    ``precision`` (see :func:`exact_precision`): ``fp32`` scores query chunks whose score block
+    stays under ``chunk_bytes`` and takes a blocked top-k of it; ``bf16`` scores ``chunk_rows``
+    queries against ``block`` keys at a time in bf16 and keeps only candidates the bf16 error
+    bound (:func:`bf16_score_eps`) cannot rule out, then ranks them in fp32: the same result as
+    fp32 search (up to the order of keys whose fp32 scores tie within rounding), without
+    sorting any score block. ``keys_bf16``: the keys already in bf16 (a cached copy).
     """
     import torch
 
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"exact search precision must be auto, fp32 or bf16, got {precision!r}")
-    use_bf16 = precision == "bf16"
+    use_bf16 = exact_precision(precision, keys.shape[0]) == "bf16"
     sims_out = np.empty((q.shape[0], k), np.float32)
     idx_out = np.empty((q.shape[0], k), np.int64)
     # autocast off: an outer bf16 autocast would otherwise turn the fp32 path into bf16
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         kt = torch.from_numpy(keys)
-        kb = kt.to(torch.bfloat16) if use_bf16 else None
-        rows = max(1, chunk_bytes // ((2 if use_bf16 else 4) * max(1, keys.shape[0])))
+        if use_bf16:
+            kb = keys_bf16 if keys_bf16 is not None else kt.to(torch.bfloat16)
+            rows, eps = max(1, int(chunk_rows)), bf16_score_eps(keys.shape[1])
+        else:
+            rows = max(1, chunk_bytes // (4 * max(1, keys.shape[0])))
         for s in range(0, q.shape[0], rows):
             qc = torch.from_numpy(q[s : s + rows])
-            v, i = _bf16_rerank(qc, kt, kb, k, pad) if use_bf16 else topk_blocked(qc @ kt.T, k)
+            v, i = _bf16_threshold_topk(qc, kt, kb, k, int(block), eps) if use_bf16 else topk_blocked(qc @ kt.T, k)
             sims_out[s : s + rows] = v.numpy()
             idx_out[s : s + rows] = i.numpy()
     return sims_out, idx_out
@@ -308,7 +414,7 @@ def _faiss():
 
 
 APPROXIMATE = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
-_QUERY_PARAMS = ("nprobe", "ef_search", "k_factor")
+_QUERY_PARAMS = ("nprobe", "ef_search", "k_factor", "precision", "block", "chunk_rows", "keys_bf16")
 """Index settings applied at query time (changing them does not rebuild an index)."""
 
 
@@ -382,21 +488,25 @@ def build_faiss_index(keys: np.ndarray, backend: str, **index_kwargs: Any):
 
 
 TORCH_EXACT_MAX = 50_000
-"""``auto`` searches banks up to this size with torch (no index to build); larger exact searches
-go to FAISS's flat index, whose tiled BLAS scoring with a heap top-k was 2x faster at 1M rows
-(docs/PERFORMANCE.md)."""
+"""Where bf16 is not faster than fp32, ``auto`` searches banks up to this size with torch fp32 (no
+index to build) and larger exact searches go to FAISS's flat index, whose tiled BLAS scoring
+with a heap top-k was 2x faster than torch fp32 at 1M rows (docs/PERFORMANCE.md)."""
 
 
-def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000) -> str:
-    """``auto``: exact search up to ``auto_exact_max`` keys (``torch`` below
-    :data:`TORCH_EXACT_MAX`, ``faiss-flat`` above), an IVF-PQ index beyond."""
+def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000, precision: str = "auto") -> str:
+    """``auto``: exact search up to ``auto_exact_max`` keys, an IVF-PQ index beyond. Exact is
+    ``torch`` (fp32) below :data:`TORCH_EXACT_MAX`, ``torch`` with the bf16 threshold search from
+    :data:`TORCH_BF16_MIN` where bf16 matmuls are faster, else ``faiss-flat``. ``precision``: the
+    search's setting (``fp32`` asked for: FAISS flat above :data:`TORCH_EXACT_MAX`)."""
     if backend not in BACKENDS:
         raise ConfigError(f"retrieval backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     if n_keys > auto_exact_max:
         return "faiss-ivfpq"
-    return "torch" if n_keys <= TORCH_EXACT_MAX else "faiss-flat"
+    if n_keys <= TORCH_EXACT_MAX or exact_precision(precision, n_keys) == "bf16":
+        return "torch"
+    return "faiss-flat"
 
 
 def search(
@@ -415,8 +525,8 @@ def search(
     :func:`resolve_backend`) and IVF-PQ above. ``index``: a FAISS index already built over ``keys`` (see
     :meth:`Bank.search`, which caches one), else it is built here. Approximate backends
     may return ``-1`` indices when they find fewer than ``k`` candidates; their
-    similarity is then ``-inf``. ``precision`` (torch backend): ``auto``/``fp32``/``bf16``,
-    see :func:`search_torch`.
+    similarity is then ``-inf``. Torch backend settings: ``precision`` (``auto``/``fp32``/``bf16``),
+    ``block``, ``chunk_rows``, ``chunk_bytes``, ``keys_bf16``: see :func:`search_torch`.
     """
     q = l2_normalise(np.atleast_2d(queries))
     kk = l2_normalise(np.atleast_2d(keys))
@@ -429,7 +539,7 @@ def search(
     k = min(int(k), kk.shape[0])
     if q.shape[0] == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    b = resolve_backend(backend, kk.shape[0], auto_exact_max)
+    b = resolve_backend(backend, kk.shape[0], auto_exact_max, str(index_kwargs.get("precision", "auto")))
     if b == "torch":
         sims, idx = search_torch(
             q,
@@ -437,7 +547,9 @@ def search(
             k,
             int(index_kwargs.get("chunk_bytes", 256 << 20)),
             str(index_kwargs.get("precision", "auto")),
-            int(index_kwargs.get("pad", 64)),
+            int(index_kwargs.get("block", 16_384)),
+            int(index_kwargs.get("chunk_rows", 1024)),
+            index_kwargs.get("keys_bf16"),
         )
     else:
         if index is None:

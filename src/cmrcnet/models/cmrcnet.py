@@ -171,7 +171,7 @@ CMRCNET_PRESETS: dict[str, dict[str, Any]] = {
         "train.lr": 1e-4,
         "train.weight_decay": 1e-3,
         "train.min_lr": 1e-5,
-        "train.precision": "bf16-mixed",
+        "train.precision": "auto",
         "model.encoder": "vit_base_patch32_224",
         "model.vit_depth": 8,
         "model.vit_heads": 8,

@@ -76,7 +76,7 @@ class EncoderOptions:
     (prefix tokens kept); 0 keeps every token (memory: spots x views x tokens x width x 2 bytes)."""
     frozen_precision: str = "auto"
     """``frozen``: encode in ``fp32``, ``bf16``, or ``auto`` (bf16 when the run trains in bf16 on
-    hardware with native bf16 matmuls)."""
+    hardware where bf16 matmuls are faster: :func:`cmrcnet.runtime.use_bf16`)."""
 
     def validate_encoder_options(self) -> None:
         def choice(name: str, options: tuple[str, ...]) -> None:
@@ -160,13 +160,9 @@ class EncoderMethod:
 
 
 def _use_bf16(setting: str, train_precision: str, encoder: nn.Module) -> bool:
-    if setting != "auto":
-        return setting == "bf16"
-    from cmrcnet.retrieval import bf16_matmul_is_fast
+    from cmrcnet.runtime import use_bf16
 
-    device = next(iter(encoder.parameters())).device.type
-    native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
-    return native and str(train_precision).startswith("bf16")
+    return use_bf16(setting, train_precision, next(iter(encoder.parameters())).device.type)
 
 
 # -- LoRA ---------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ class RetrievalPredictor(Predictor):
     """Top-k retrieval from a bank of training-spot gene embeddings (BLEEP, CMRCNet).
 
     ``train_precision`` is the run's Lightning precision: with ``embed_precision="auto"`` the
-    image encoder runs in bf16 where the run trained in bf16 and bf16 is native (2.1-2.4x
+    image encoder runs in bf16 where the run trained in bf16 and bf16 is faster on this device
+    (:func:`cmrcnet.runtime.use_bf16`; 2.1-2.4x
     faster embedding on AMX CPUs; 99.6 % of top-50 neighbours identical to fp32).
     """
 
@@ -121,14 +122,10 @@ class RetrievalPredictor(Predictor):
     # -- prediction -----------------------------------------------------------------------------
     def embed_autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context the image encoder runs under (see the class docstring)."""
-        from cmrcnet.retrieval import bf16_matmul_is_fast
+        from cmrcnet.runtime import use_bf16
 
-        mode = self.settings.embed_precision
         device = next(iter(self.model.parameters())).device.type
-        if mode == "auto":
-            native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
-            mode = "bf16" if native and self.train_precision.startswith("bf16") else "fp32"
-        if mode == "fp32":
+        if not use_bf16(self.settings.embed_precision, self.train_precision, device):
             return contextlib.nullcontext()
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
 

@@ -36,6 +36,7 @@ from cmrcnet.data.sample import Sample
 from cmrcnet.errors import InputError
 from cmrcnet.models import get_method
 from cmrcnet.models.base import ExpressionModel
+from cmrcnet.runtime import resolve_precision
 from cmrcnet.utils import atomic_path, seed_everything, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=resolve_precision(t.precision, t.accelerator),
         accumulate_grad_batches=t.accumulate_grad_batches,
         callbacks=callbacks,
         logger=CSVLogger(str(run_dir), name="logs", version=""),
@@ -402,6 +403,7 @@ def describe_run(cfg: RunConfig, fold: FoldData, extra: dict[str, Any] | None = 
         "epochs": int(cfg.train.epochs),
         "batch_size": int(cfg.train.batch_size),
         "lr": float(cfg.train.lr),
+        "precision": resolve_precision(cfg.train.precision, cfg.train.accelerator),
         "encoder": str(cfg.model.get("encoder") or ""),
         "model_settings": {k: v for k, v in cfg.model.items() if v is not None},
         "overrides": config_overrides(cfg),

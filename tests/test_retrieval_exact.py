@@ -1,0 +1,122 @@
+"""The bf16 exact search (retrieval.search_torch, precision="bf16"): its error bound holds, and
+its result equals fp32 brute force on random banks and on adversarial ones (exact duplicates,
+near-ties inside bf16's resolution, a k-th score inside a tie group), whatever the block sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmrcnet import retrieval as R
+from cmrcnet.errors import ConfigError
+from cmrcnet.retrieval import bf16_score_eps, l2_normalise, search_torch
+
+
+def exact_scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    return q.astype(np.float64) @ keys.T.astype(np.float64)
+
+
+def assert_exact(q: np.ndarray, keys: np.ndarray, k: int, sims: np.ndarray, idx: np.ndarray) -> None:
+    """The returned keys are a true top-k (their exact scores are the k largest, in order; which
+    of several keys tied within fp32 rounding is returned may differ) and sims are fp32 scores."""
+    ref = exact_scores(q, keys)
+    want = -np.sort(-ref, axis=1)[:, :k]
+    got = np.take_along_axis(ref, idx, 1)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)  # fp32 rounding of a d-term dot product
+    np.testing.assert_allclose(sims, got, atol=1e-6, rtol=0)
+    assert all(len(set(r)) == k for r in idx), "a key returned twice"
+    assert sims.dtype == np.float32 and idx.dtype == np.int64
+
+
+def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return l2_normalise(rng.normal(size=shape))
+
+
+@pytest.mark.parametrize("n,m,d,k,block,rows", [
+    (60, 3000, 32, 10, 256, 16),
+    (40, 5000, 64, 50, 1024, 40),
+    (30, 700, 16, 1, 64, 7),
+    (20, 300, 8, 300, 64, 8),   # k = bank size
+    (25, 90, 16, 5, 4096, 1000),  # one block larger than the bank
+])
+def test_random_banks_equal_brute_force(n: int, m: int, d: int, k: int, block: int, rows: int) -> None:
+    rng = np.random.default_rng(n * m + k)
+    q, keys = _unit(rng, n, d), _unit(rng, m, d)
+    sims, idx = search_torch(q, keys, k, precision="bf16", block=block, chunk_rows=rows)
+    assert_exact(q, keys, k, sims, idx)
+    fs, fi = search_torch(q, keys, k, precision="fp32")
+    np.testing.assert_array_equal(idx, fi)  # no ties in a random bank: the same keys in the same order
+    np.testing.assert_allclose(sims, fs, atol=1e-6)
+
+
+def test_duplicates_and_near_ties() -> None:
+    """Groups of 30 copies of a key, exact and perturbed by 1e-4 (far inside bf16's error): the
+    bf16 scores cannot separate them, the fp32 re-rank must; the k-th score falls inside a group."""
+    rng = np.random.default_rng(3)
+    base = _unit(rng, 60, 32)
+    exact_dups = np.repeat(base[:30], 30, 0)
+    near = l2_normalise(np.repeat(base[30:], 30, 0) + 1e-4 * rng.normal(size=(900, 32)))
+    keys = np.ascontiguousarray(rng.permutation(np.concatenate([exact_dups, near])))
+    q = l2_normalise(base + 0.05 * rng.normal(size=base.shape))
+    for k in (10, 45, 61):
+        sims, idx = search_torch(q, keys, k, precision="bf16", block=128, chunk_rows=17)
+        assert_exact(q, keys, k, sims, idx)
+
+
+def test_narrow_cone_bank() -> None:
+    """Trained gene embeddings sit within cosine 0.98-0.99 of each other: most keys are inside
+    the bf16 error of the k-th score, so nearly everything is a candidate; still exact."""
+    rng = np.random.default_rng(4)
+    centre = _unit(rng, 1, 64)
+    keys = l2_normalise(centre + 0.1 * rng.normal(size=(4000, 64)))
+    q = l2_normalise(centre + 0.1 * rng.normal(size=(30, 64)))
+    sims, idx = search_torch(q, keys, 50, precision="bf16", block=512, chunk_rows=8)
+    assert_exact(q, keys, 50, sims, idx)
+
+
+def test_threshold_prunes_random_banks() -> None:
+    """The running threshold keeps few candidates per query on a spread bank (not the whole bank)."""
+    rng = np.random.default_rng(5)
+    q, keys = _unit(rng, 50, 128), _unit(rng, 20000, 128)
+    R.SEARCH_STATS.update(rows=0, candidates=0)
+    search_torch(q, keys, 20, precision="bf16", block=2048)
+    assert R.SEARCH_STATS["rows"] == 50
+    assert R.SEARCH_STATS["candidates"] < 50 * 2000, R.SEARCH_STATS
+
+
+def _bf16_scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return (torch.from_numpy(q).bfloat16() @ torch.from_numpy(keys).bfloat16().T).double().numpy()
+
+
+@pytest.mark.parametrize("d", [8, 64, 256, 768])
+def test_bf16_error_bound_holds(d: int) -> None:
+    """|bf16 score - exact| <= bf16_score_eps(d) for random vectors and for ones built to round
+    badly: components just off bf16's rounding midpoints, all of one sign, and near-parallel pairs
+    (scores near 1, where the output rounding is largest)."""
+    rng = np.random.default_rng(d)
+    rand = _unit(rng, 200, d)
+    mid = (1 + 2.0**-9 * (1 - 1e-3)) * np.sign(rng.normal(size=(100, d)))  # relative error ~2**-9 each
+    midpoints = l2_normalise(mid * 2.0 ** rng.integers(-3, 3, size=(100, d)))
+    same_sign = l2_normalise(np.abs(rng.normal(size=(100, d))) * (1 + 2.0**-9))
+    near = l2_normalise(same_sign + 1e-3 * rng.normal(size=same_sign.shape))
+    vecs = np.concatenate([rand, midpoints, same_sign, near]).astype(np.float32)
+    err = np.abs(_bf16_scores(vecs, vecs) - exact_scores(vecs, vecs)).max()
+    eps = bf16_score_eps(d)
+    assert err <= eps, (err, eps)
+    assert err > eps / 8  # the adversarial vectors do come near the bound: it is not vacuous slack
+
+
+def test_auto_precision_follows_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cmrcnet.runtime as rt
+
+    big = R.TORCH_BF16_MIN
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": True)
+    assert R.exact_precision("auto", big) == "bf16"
+    assert R.exact_precision("auto", big - 1) == "fp32"  # small banks: the threshold search does not pay
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": False)
+    assert R.exact_precision("auto", big) == "fp32"
+    assert R.exact_precision("bf16", 10) == "bf16" and R.exact_precision("fp32", big) == "fp32"
+    with pytest.raises(ConfigError):
+        R.exact_precision("fp8", big)
