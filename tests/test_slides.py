@@ -340,3 +340,12 @@ def test_prefetched_prediction_equals_the_plain_one(slides, run_and_data) -> Non
     a = predict_streaming(run, grid_sample(slides["generic"]), prefetch=0, batch_size=16)
     b = predict_streaming(run, grid_sample(slides["generic"]), prefetch=2, batch_size=16)
     np.testing.assert_array_equal(a.X, b.X)
+
+
+def test_large_levels_are_read_in_strips(slides) -> None:
+    """A level over the one-piece limit is read and resized in strips: the same picture, bounded memory."""
+    s = SlideImage(slides["generic"])
+    whole = s.read_level(0, max_pixels=10**9, out_wh=(1000, 800)).astype(float)
+    strips = s.read_level(0, max_pixels=5000 * 300, out_wh=(1000, 800)).astype(float)
+    assert strips.shape == whole.shape == (800, 1000, 3)
+    assert np.abs(strips - whole).mean() < 3

@@ -450,7 +450,7 @@ class SlideImage:
         y_out = 0
         for y in range(0, h, rows):
             hh = min(rows, h - y)
-            y_end = h if y + hh >= h else int(round((y + hh) * oh / h))
+            y_end = oh if y + hh >= h else int(round((y + hh) * oh / h))
             n_out = max(0, y_end - y_out)
             if n_out:
                 strip = self.read_region(0, y, w, hh, level=level)
