@@ -64,8 +64,11 @@ def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor)
             "train.lr": 1e-4,
             "train.weight_decay": 0.0,
         },
-        # DenseNet-121 trains at ~17-30 patches/s on 2 cores; ResNet-18 at ~150/s (bf16).
-        "cpu": {"model.encoder": "resnet18", "train.weight_decay": 0.0},
+        # Fine-tuned ImageNet EfficientNet-Lite0 (weights ship with a dependency), encoder lr = head lr
+        # (chosen on the C3 fold's validation loss): HEG-50 0.238 vs 0.133 for ResNet-18 from scratch on
+        # her2st (3 seeds), 0.378 vs 0.359 on mob and 0.079 vs 0.057 across patients (seed 0;
+        # docs/RESULTS.md). The previous preset: --set model.encoder=resnet18 --set model.encoder_mode=scratch.
+        "cpu": {"model.encoder": "efficientnet-lite0", "model.encoder_mode": "finetune", "train.weight_decay": 0.0},
         "tiny": {"model.encoder": "test_resnet", "model.tta": True},
     },
     description="ST-Net: DenseNet-121 regression of spot expression, mean-initialised head, 8-fold TTA",
