@@ -349,3 +349,23 @@ def test_large_levels_are_read_in_strips(slides) -> None:
     strips = s.read_level(0, max_pixels=5000 * 300, out_wh=(1000, 800)).astype(float)
     assert strips.shape == whole.shape == (800, 1000, 3)
     assert np.abs(strips - whole).mean() < 3
+
+
+def test_bad_cohort_inputs_are_one_line(slides, run_and_data, tmp_path, capsys) -> None:
+    run, _ = run_and_data
+    bad_col = tmp_path / "cols.csv"
+    pd.DataFrame({"file": [str(slides["svs"])]}).to_csv(bad_col, index=False)
+    bad_um = tmp_path / "um.csv"
+    pd.DataFrame({"image": [str(slides["svs"])], "um_per_px": [-1]}).to_csv(bad_um, index=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, needles in (
+        (["--image", bad_col], ("cols.csv", "needs a column 'image'")),
+        (["--image", bad_um], ("um.csv", "row 2", "um_per_px must be a positive number")),
+        (["--image", empty], ("empty", "no slide files")),
+        (["--image", tmp_path / "missing.svs"], ("missing.svs", "image file not found")),
+        (["--image", slides["svs"], "--format", "parquet"], ("--format must be one of h5ad, spatialdata",)),
+    ):
+        code, _, err = run_cli(["predict", "--run", run, *args, "--out", tmp_path / "o"], capsys)
+        one_error_line(code, err, *needles)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
