@@ -34,6 +34,7 @@ SMALL = {
     "resnet18": {},
     "resnet50": {},
     "densenet121": {"growth_rate": 8, "block_config": (1, 1, 1, 1), "stem_type": ""},
+    "ctranspath": {"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8)},
 }
 HF = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
       "image_size": 224, "patch_size": 16}
@@ -93,6 +94,8 @@ def _save_in_layout(name: str, tmp_path: Path) -> tuple[Path, torch.nn.Module | 
 
         save_file({k: v.contiguous() for k, v in _timm_to_hf(ref.state_dict(), dinov2).items()}, str(folder / "model.safetensors"))
         return folder, ref
+    if name == "ctranspath":
+        return _save_ctranspath(tmp_path)
     if name == "conch-v1":
         enc = ImageEncoder(name, **SMALL[name])  # random trunk and pooler
         state = {}
@@ -107,6 +110,28 @@ def _save_in_layout(name: str, tmp_path: Path) -> tuple[Path, torch.nn.Module | 
     ref = _timm_reference(name)
     path = tmp_path / "pytorch_model.bin"
     torch.save(ref.state_dict(), path)
+    return path, ref
+
+
+def _save_ctranspath(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """``ctranspath.pth`` as TransPath wrote it with timm 0.5: ``{"model": state}``, each stage's
+    downsampling at its end (``layers.N.downsample``), ``relative_position_index`` and ``attn_mask``
+    buffers saved, no classifier."""
+    import re
+
+    ref = ImageEncoder("ctranspath", **SMALL["ctranspath"]).model
+    with torch.no_grad():
+        for t in ref.parameters():
+            t.normal_(0, 0.2)
+    state = {}
+    for k, v in ref.state_dict().items():
+        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        state[k] = v
+        if k.endswith("attn.relative_position_bias_table"):
+            state[k.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(49, 49, dtype=torch.long)
+    state["layers.0.blocks.1.attn_mask"] = torch.zeros(16, 49, 49)
+    path = tmp_path / "ctranspath.pth"
+    torch.save({"model": state}, path)
     return path, ref
 
 
@@ -135,6 +160,16 @@ def test_entry_loads_its_real_layout(name: str, tmp_path: Path) -> None:
             own = {k.removeprefix("model."): v for k, v in enc.state_dict().items() if k.startswith("model.")}
             for k, v in ref.state_dict().items():
                 torch.testing.assert_close(own[k], v)
+
+
+def test_ctranspath_file_gives_the_reference_features(tmp_path: Path) -> None:
+    """The old-timm checkpoint, remapped, computes what the model it was saved from computes."""
+    path, ref = _save_ctranspath(tmp_path)
+    enc = ImageEncoder("ctranspath", str(path), **SMALL["ctranspath"]).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x)[1], ref.eval()(x))
+    assert enc.out_dim == 256 and enc(x)[0].shape == (2, 16, 256)  # 112 px: a 4 x 4 grid (7 x 7 at 224)
 
 
 def test_hf_folder_gives_the_same_features_as_the_timm_model(tmp_path: Path) -> None:
@@ -175,9 +210,13 @@ def test_mismatched_file_names_file_entry_and_tensor(tmp_path: Path) -> None:
         ImageEncoder("efficientnet-lite0", str(tmp_path / "folder"))
 
 
-def test_listed_only_entry_and_unknown_name() -> None:
-    with pytest.raises(ConfigError, match="ctranspath.*cannot be built yet"):
-        ImageEncoder("ctranspath")
+def test_listed_only_entry_and_unknown_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    listed = replace(ENCODERS["uni"], name="listed", supported=False, note="no adapter yet")
+    monkeypatch.setitem(ENCODERS, "listed", listed)
+    with pytest.raises(ConfigError, match="listed.*cannot be built yet: no adapter yet"):
+        ImageEncoder("listed")
     with pytest.raises(ConfigError, match="neither a registered encoder"):
         ImageEncoder("no_such_model")
 

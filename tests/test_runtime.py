@@ -1,5 +1,5 @@
-"""Thread defaults (cmrcnet.runtime): passive OpenMP waits and the thread count are set when the
-user left them unset, and a user's own OMP_* / MKL_* settings are never overridden."""
+"""Process defaults (cmrcnet.runtime): passive OpenMP waits, the thread count and huge pages are set
+when the user left them unset, and a user's own OMP_* / MKL_* / THP_* settings are never overridden."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from cmrcnet.runtime import apply_thread_defaults, thread_defaults, usable_cores
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PROBE = ("import json, os, sys; {pre}import cmrcnet{post}; import torch; "
-         "print(json.dumps({{k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS')}} | "
+         "print(json.dumps({{k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS', 'THP_MEM_ALLOC_ENABLE')}} | "
          "{{'threads': torch.get_num_threads()}}))")
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in runtime.WAIT_VARS + runtime.COUNT_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in runtime.WAIT_VARS + runtime.COUNT_VARS + runtime.ALLOC_VARS}
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
@@ -48,12 +48,19 @@ def test_user_wait_policy_kept(var: str, value: str) -> None:
     env = {var: value}
     assert "OMP_WAIT_POLICY" not in thread_defaults(env)
     apply_thread_defaults(env)
-    assert env == {var: value}
+    assert {k: v for k, v in env.items() if k in runtime.WAIT_VARS} == {var: value}
 
 
 @pytest.mark.parametrize("var", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
 def test_user_thread_count_kept(var: str) -> None:
     assert "OMP_NUM_THREADS" not in thread_defaults({var: "3"}, n_parallel=2)
+
+
+def test_huge_pages_default_and_opt_out() -> None:
+    assert thread_defaults({})["THP_MEM_ALLOC_ENABLE"] == "1"
+    env = {"THP_MEM_ALLOC_ENABLE": "0"}
+    apply_thread_defaults(env)
+    assert env["THP_MEM_ALLOC_ENABLE"] == "0"
 
 
 def test_parallel_processes_share_the_cores() -> None:
@@ -63,12 +70,12 @@ def test_parallel_processes_share_the_cores() -> None:
 
 def test_import_sets_passive_waits_before_torch() -> None:
     got = _probe(_clean_env())
-    assert got["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert got["OMP_WAIT_POLICY"] == "PASSIVE" and got["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
 def test_import_keeps_user_settings() -> None:
-    got = _probe(_clean_env(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1"))
-    assert got == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1", "threads": 1}
+    got = _probe(_clean_env(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1", THP_MEM_ALLOC_ENABLE="0"))
+    assert got == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "0", "threads": 1}
 
 
 def test_import_after_torch_changes_nothing() -> None:

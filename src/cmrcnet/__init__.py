@@ -16,15 +16,14 @@ method, a registry), ``training`` (Lightning glue, run directories, prediction),
 (reference banks, top-k search), ``evaluation`` (metrics, gene sets), ``plots``/``report``,
 ``cohort``, ``export`` and ``cli`` (a thin layer over all of it).
 
-Importing the package (which every ``cmrcnet`` command does first) sets passive OpenMP waits
-and, in a CPU-restricted process, the thread count, unless the user set them or torch is
-already loaded: see :mod:`cmrcnet.runtime`.
+Importing the package (which every ``cmrcnet`` command does first) sets passive OpenMP waits,
+huge pages for large CPU tensors and, in a CPU-restricted process, the thread count, unless the
+user set them or torch is already loaded: see :mod:`cmrcnet.runtime`.
 """
 
 from __future__ import annotations
 
 import importlib
-import os as _os
 from typing import Any
 
 from cmrcnet.runtime import apply_thread_defaults as _apply_thread_defaults
@@ -32,13 +31,6 @@ from cmrcnet.runtime import apply_thread_defaults as _apply_thread_defaults
 _apply_thread_defaults()
 
 __version__ = "0.1.0"
-
-# PyTorch backs CPU tensors of >= 2 MB with transparent huge pages when this is set (read once, at
-# torch's first allocation, so only when cmrcnet is imported before torch allocates). Without it a
-# fresh 34 MB gradient (CMRCNet's 4,120 x 2,048 gene tokenizer, every step) costs ~8,000 4 KB page
-# faults: 15 ms instead of 3.4 ms; a frozen-mode her2st fold trains ~12 % faster, bit-identically
-# (docs/PERFORMANCE.md, 3b'). Set THP_MEM_ALLOC_ENABLE=0 to opt out.
-_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _SUBMODULES = {"tl", "pl", "export", "cohort", "errors", "data", "models", "training", "evaluation", "retrieval", "plots"}
 _READERS = {"read_dataset": "cmrcnet.data.readers", "read_sample": "cmrcnet.data.readers",

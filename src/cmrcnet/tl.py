@@ -12,6 +12,7 @@ Every CLI command (``cmrcnet train``, ``cmrcnet predict``) calls these functions
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -169,7 +170,7 @@ def predict(
     from cmrcnet.cohort import write_prediction
     from cmrcnet.progress import progress_reporter
     from cmrcnet.tiling import grid_sample
-    from cmrcnet.training import predict_sample, write_h5ad_atomic
+    from cmrcnet.training import predict_sample, predict_streaming, write_h5ad_atomic
     from cmrcnet.utils import check_writable_file
 
     if (sample is None) == (image is None):
@@ -181,16 +182,10 @@ def predict(
     predictor = trained.predictor_for(top_k)
     if image is not None:
         smp = grid_sample(image, um_per_px, pitch_um=pitch_um, sample_id=sample_id)
-        if out is not None:
-            if not progress:
-                return write_prediction(trained, smp, Path(out), fmt, predictor=predictor)
-            with progress_reporter("predicting", smp.n_spots, "spots") as advance:
+        bar = progress_reporter("predicting", smp.n_spots, "spots") if progress else nullcontext()
+        with bar as advance:
+            if out is not None:
                 return write_prediction(trained, smp, Path(out), fmt, predictor=predictor, progress=advance)
-        from cmrcnet.training import predict_streaming
-
-        if not progress:
-            return predict_streaming(trained, smp, predictor)
-        with progress_reporter("predicting", smp.n_spots, "spots") as advance:
             return predict_streaming(trained, smp, predictor, progress=advance)
     smp = sample if not isinstance(sample, (str, Path)) else read_one_sample(Path(sample), sample_id)
     pred = predict_sample(trained, smp, predictor)

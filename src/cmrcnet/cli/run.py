@@ -227,15 +227,20 @@ def predict_cmd(
 
 
 def _print_cohort(summary, seconds: float, out: Path) -> None:
+    import pandas as pd
+
     from cmrcnet.cohort import SUMMARY_FILE
+
+    def cell(value, fmt: str) -> str:
+        return "-" if pd.isna(value) else format(value, fmt)
 
     table = Table(title=f"{len(summary)} slide(s) -> {out}")
     for col in ("slide", "um/px (source)", "spots", "seconds", "output", "status"):
         table.add_column(col)
     for _, r in summary.iterrows():
-        um = f"{r['um_per_px']:.4g} ({r['pixel_size_source']})" if r["um_per_px"] == r["um_per_px"] and r["um_per_px"] is not None else "-"
-        spots = f"{int(r['spots']):,}" if r["spots"] == r["spots"] and r["spots"] is not None else "-"
-        secs = f"{r['seconds']:.1f}" if r["seconds"] == r["seconds"] and r["seconds"] is not None else "-"
+        um = "-" if pd.isna(r["um_per_px"]) else f"{r['um_per_px']:.4g} ({r['pixel_size_source']})"
+        spots = cell(r["spots"], ",.0f")
+        secs = cell(r["seconds"], ".1f")
         table.add_row(Path(str(r["slide"])).name, um, spots, secs, Path(str(r["output"])).name, str(r["status"]))
     console.print(table)
     console.print(f"summary -> {out / SUMMARY_FILE}; took {seconds:.1f} s")

@@ -165,10 +165,11 @@ for _e in (
                   "mlp_ratio": 5.33334, "dynamic_img_size": True},
                  1536, "cls", licence="Apache-2.0, gated, research use",
                  note="trained on 256 px tiles resized and centre-cropped to 224"),
-    EncoderEntry("ctranspath", "swin_tiny_patch4_window7_224", {}, 768, "timm", um_per_px=1.0,
-                 licence="GPL-3.0", supported=False,
-                 note="Swin-T with a ConvStem patch embedding on a modified old timm; needs an adapter "
-                      "(ConvStem, Swin key remap) that is not built yet"),
+    EncoderEntry("ctranspath", "swin_tiny_patch4_window7_224", {"img_size": 224, "dynamic_img_size": True, "__convstem__": True},
+                 768, "timm", um_per_px=1.0, key_map="swin-v1", layouts=("timm", "safetensors"),
+                 tokens="7 x 7 grid of the last Swin stage", licence="GPL-3.0",
+                 note="Swin-T with TransPath's ConvStem patch embedding; ctranspath.pth (state dict under "
+                      "'model', written by an old timm: stage downsampling remapped, attn_mask dropped)"),
     EncoderEntry("hest-resnet50", "resnet50", {"features_only": True, "out_indices": [3]}, 1024, "mean",
                  strict=False, tokens="layer3 feature map (stride 16)", pretraining="imagenet",
                  licence="torchvision/timm ImageNet weights",
@@ -338,6 +339,15 @@ def _conch_to_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def _swin_v1_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A Swin checkpoint of timm < 0.9 (CTransPath's) -> today's names: timm's own converter moves
+    each stage's trailing downsampling to the start of the next stage and drops the ``attn_mask`` /
+    ``relative_position_index`` buffers."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn({k.removeprefix("model."): v for k, v in state.items()}, model)
+
+
 def _by_position(state: dict, own: dict) -> dict:
     """Pair tensors by order when every shape lines up (EfficientNet-PyTorch's ``_blocks.0._bn1``
     for timm's ``blocks.0.0.bn1``); at most two trailing extra tensors (a classifier) are ignored."""
@@ -379,6 +389,8 @@ def load_entry_weights(module: nn.Module, entry: EncoderEntry, path: str | Path)
     else:
         if entry.key_map in ("hf-vit", "hf-dinov2"):
             state = _hf_vit_to_timm(state, layer_scale=entry.key_map == "hf-dinov2")
+        if entry.key_map == "swin-v1":
+            state = _swin_v1_to_timm(state, module.model)
         state = {"model." + k.removeprefix("model."): v for k, v in state.items()}
         if entry.key_map == "position" and not any(k in own for k in state):
             state = _by_position({k.removeprefix("model."): v for k, v in state.items()}, own) or state
@@ -413,6 +425,8 @@ def _timm_kwargs(entry: EncoderEntry | None, overrides: Mapping[str, Any], weigh
     kw.update(overrides)
     if kw.pop("__swiglu__", False):
         kw.update(_swiglu())
+    if kw.pop("__convstem__", False):
+        kw["embed_layer"] = ConvStem
     return kw
 
 
@@ -457,6 +471,41 @@ def encoder_out_dim(model: nn.Module) -> int:
     for models with a conv head (MobileNetV3/V4, MambaOut), whose pooled output is the head's.
     """
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding (TransPath, Wang et al. 2022) in timm's ``embed_layer`` interface:
+    two 3x3 stride-2 convolutions with BatchNorm and ReLU (widths ``embed_dim / 8``, ``/ 4``), a 1x1
+    convolution to ``embed_dim``, then the patch norm. Tensor names ``proj.{0,1,3,4,6}`` as in
+    ``ctranspath.pth``; output NHWC for today's Swin."""
+
+    def __init__(self, img_size: Any = 224, patch_size: Any = 4, in_chans: int = 3, embed_dim: int = 96,
+                 norm_layer: Callable[..., nn.Module] | None = None, output_fmt: str = "NHWC",
+                 strict_img_size: bool = True, **_: Any) -> None:
+        super().__init__()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch = patch_size if isinstance(patch_size, int) else patch_size[0]
+        if patch != 4 or embed_dim % 8:
+            raise ConfigError(f"ConvStem needs patch_size 4 and embed_dim divisible by 8, got {patch}, {embed_dim}")
+        self.img_size, self.patch_size = size, (4, 4)
+        self.grid_size = (size[0] // 4, size[1] // 4)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.output_fmt, self.strict_img_size = output_fmt, strict_img_size
+        layers: list[nn.Module] = []
+        width_in, width = in_chans, embed_dim // 8
+        for _layer in range(2):
+            layers += [nn.Conv2d(width_in, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True)]
+            width_in, width = width, width * 2
+        layers.append(nn.Conv2d(width_in, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        if self.output_fmt == "NHWC":
+            return self.norm(x.permute(0, 2, 3, 1))
+        return self.norm(x.flatten(2).transpose(1, 2))
 
 
 class AttentionalPooler(nn.Module):
