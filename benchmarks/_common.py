@@ -168,6 +168,16 @@ def gemm_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 5, device: s
     return 2.0 * n**3 / median(times) / 1e9
 
 
+def flops_per_patch(encoder: Any, size_px: int) -> float:
+    """FLOPs of one forward of ``encoder`` on one ``size_px`` patch (``FlopCounterMode``: matmuls and convs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        encoder(torch.zeros(1, 3, size_px, size_px))
+    return float(fc.get_total_flops())
+
+
 # -- data ------------------------------------------------------------------------------------
 def her2st_dir(arg: str | None) -> Path | None:
     """``--data``, else ``$CMRCNET_DATA_DIR/her2st`` (or the variable's folder itself); None when

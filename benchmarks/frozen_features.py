@@ -58,15 +58,6 @@ def _patches(args, size_px: int):
     return t.subset(np.arange(n)), source
 
 
-def _flops_per_patch(encoder, size_px: int) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        encoder(torch.zeros(1, 3, size_px, size_px))
-    return float(fc.get_total_flops())
-
-
 def phase_encode(args, rep: C.Report, peaks: dict[str, float]) -> None:
     from cmrcnet.models.encoders import ImageEncoder
     from cmrcnet.models.features import encode_views
@@ -78,7 +69,7 @@ def phase_encode(args, rep: C.Report, peaks: dict[str, float]) -> None:
     for name, kw, px in cases:
         table, source = _patches(args, px)
         enc = ImageEncoder(name, img_size=px if name.startswith("vit") else None, fallback_pool="timm", **kw).eval()
-        flops = _flops_per_patch(enc, px)
+        flops = C.flops_per_patch(enc, px)
         for precision in args.precisions:
             bf16 = precision == "bf16"
             encode_views(enc, table.subset(range(min(16, len(table)))), views=1, token_grid=None, bf16=bf16)  # warm-up

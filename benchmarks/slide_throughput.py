@@ -14,7 +14,14 @@ batches held in memory), so the end-to-end rate can be set against both.
 ``--prefetch 0,2`` compares reading the next batch of patches in a background thread (the
 default, 2 ahead) with reading it in the model's thread, interleaved ``--repeats`` times.
 
+``--encoder NAME`` (instead of ``--run``) trains a small frozen-encoder CMRCNet run on synthetic
+spots with a random-weight ``NAME`` (any timm name, e.g. ``vit_base_patch16_224``, ViT-B-sized
+like Phikon/CONCH's trunk) saved to a local file, so a foundation-sized encoder's slide rate is
+measured without its weights. Each row also gives the model-only rate in GFLOP/s (encoder FLOPs
+per patch, ``FlopCounterMode``) against the GEMM peak measured in the same run.
+
     python benchmarks/slide_throughput.py --run runs/her2st-final --slide /tmp/slide50k.tif
+    python benchmarks/slide_throughput.py --encoder vit_base_patch16_224 --spots 2000 --prefetch 2
     python benchmarks/slide_throughput.py --smoke          # a small slide and a tiny run
 """
 
@@ -96,6 +103,7 @@ def run_child(run: Path, slide: Path, prefetch: int, tmp: Path) -> dict:
 def main() -> None:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, help="A trained run directory (default with --smoke: a tiny ridge run).")
+    p.add_argument("--encoder", help="Instead of --run: a frozen CMRCNet run over this random-weight timm encoder.")
     p.add_argument("--slide", type=Path, help="Where the pyramidal slide is (written if missing).")
     p.add_argument("--spots", type=int, default=50_000)
     p.add_argument("--um-per-px", type=float, default=0.5)
@@ -115,23 +123,66 @@ def main() -> None:
         print(f"wrote {slide} ({size[0]} x {size[1]} px, {slide.stat().st_size / 1e6:.0f} MB) in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     run = args.run
+    if run is None and args.encoder:
+        run = _frozen_encoder_run(tmp, args.encoder, args.smoke)
     if run is None:
         if not args.smoke:
-            raise SystemExit("--run is required (a trained run directory), except with --smoke")
+            raise SystemExit("--run or --encoder is required, except with --smoke")
         run = _tiny_run(tmp)
     rep = C.Report("slide_throughput", args)
+    gflop, precision = _encoder_cost(run)
+    peak = C.gemm_peak_gflops(precision)
+    rep.note(f"encoder: {gflop:.3f} GFLOP per patch, {precision}; GEMM peak in this run {peak:.0f} GFLOP/s ({precision})")
     rows = []
     for _ in range(args.repeats):
         for pf in [int(x) for x in args.prefetch.split(",")]:
             row = run_child(run, slide, pf, tmp)
             row["spots_per_s"] = row["spots"] / row["predict_s"]
+            row["model_gflop_s"] = row["model_only_spots_per_s"] * gflop
+            row["e2e_of_peak"] = row["spots_per_s"] * gflop / peak
+            row["model_of_peak"] = row["model_gflop_s"] / peak
             row["load"] = C.loadavg()[0]
             rows.append(row)
             print(json.dumps(row), flush=True)
     rep.table("slide", "Whole-slide prediction (streamed .h5ad)", rows,
               ["prefetch", "spots", "genes", "um_per_px", "pixel_size_source", "grid_s", "predict_s", "spots_per_s",
-               "read_only_spots_per_s", "model_only_spots_per_s", "peak_rss_mb", "wall_s", "load"])
+               "read_only_spots_per_s", "model_only_spots_per_s", "model_gflop_s", "model_of_peak", "e2e_of_peak",
+               "peak_rss_mb", "wall_s", "load"])
     print(f"report -> {rep.write(C.resolve_out(args.out, 'slide_throughput', args.smoke))}")
+
+
+def _encoder_cost(run_dir: Path) -> tuple[float, str]:
+    """GFLOP of one patch through the run's image encoder, and the precision it runs in on this machine."""
+    import cmrcnet as cn
+    from cmrcnet.models.encoders import ImageEncoder
+    from cmrcnet.runtime import resolve_precision
+
+    run = cn.tl.load(run_dir)
+    enc = next((m for m in run.model.modules() if isinstance(m, ImageEncoder)), None)
+    gflop = 0.0 if enc is None else C.flops_per_patch(enc.eval(), run.cfg.patches.size_px) / 1e9
+    precision = "bf16" if resolve_precision("auto", "cpu") == "bf16-mixed" else "fp32"
+    return gflop, precision
+
+
+def _frozen_encoder_run(tmp: Path, encoder: str, smoke: bool) -> Path:
+    """A frozen CMRCNet run on synthetic spots over a random-weight ``encoder`` saved as a local file."""
+    import timm
+    import torch
+
+    from cmrcnet.config import make_config
+    from cmrcnet.data.readers.hest import write_hest
+    from cmrcnet.data.synthetic import make_synthetic_samples
+    from cmrcnet.training import train
+
+    weights = tmp / f"{encoder}.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model(encoder, pretrained=False, num_classes=0).state_dict(), weights)
+    data = write_hest(make_synthetic_samples(n_samples=2, n_spots=40 if smoke else 150, n_genes=50), tmp / "hest")
+    cfg = make_config("cmrcnet", "cpu", {
+        "data.path": str(data), "data.cache_dir": str(tmp / "cache"), "model.encoder": encoder,
+        "model.encoder_weights": str(weights), "model.encoder_mode": "frozen", "model.frozen_views": "none",
+        "patches.size_px": 224, "patches.size_um": 112.0, "train.epochs": 1})
+    return train(cfg, tmp / "run", [])
 
 
 def _tiny_run(tmp: Path) -> Path:

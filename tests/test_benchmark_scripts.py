@@ -109,6 +109,14 @@ def test_slide_throughput_smoke(tmp_path: Path) -> None:
     assert len({r["spots"] for r in rows}) == 1  # the same slide, whatever the reading thread
 
 
+def test_slide_throughput_frozen_encoder_smoke(tmp_path: Path) -> None:
+    """--encoder: a frozen CMRCNet run over a random-weight timm encoder, its rate against the GEMM peak."""
+    proc = run_script("slide_throughput.py", tmp_path, "--encoder", "vit_tiny_patch16_224", "--prefetch", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = check_envelope(tmp_path / "out.json", {"slide"})["tables"]["slide"]
+    assert len(rows) == 1 and rows[0]["model_gflop_s"] > 0 and 0 < rows[0]["e2e_of_peak"] <= rows[0]["model_of_peak"] * 1.5
+
+
 def test_exact_search_smoke(tmp_path: Path) -> None:
     proc = run_script("exact_search.py", tmp_path, "--methods", "faiss-flat,torch-bf16,torch-fp32,gemm-bf16")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -84,6 +84,15 @@ def test_set_good_values_are_typed(key: str, value: str, expected) -> None:
     assert got == expected and type(got) is type(expected)
 
 
+@pytest.mark.parametrize("method", ["cmrcnet", "bleep", "stnet"])
+def test_none_is_a_choice_where_it_is_one_and_a_reset_where_the_key_is_optional(method: str) -> None:
+    """``--set model.frozen_views=none`` picks the choice; ``model.encoder_weights=none`` resets."""
+    cfg = make_config(method, "cpu", {"model.frozen_views": "none", "model.encoder_weights": "none"})
+    assert cfg.model["frozen_views"] == "none" and cfg.model["encoder_weights"] is None
+    with pytest.raises(ConfigError, match="encoder_mode"):
+        make_config(method, "cpu", {"model.encoder_mode": "none"})
+
+
 def test_yaml_config_values_are_checked_too(tmp_path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  epochs: abc\n")

@@ -342,17 +342,25 @@ def set_key(cfg: RunConfig, dotted: str, value: Any) -> None:
 def _model_value(method: str, key: str, value: Any, dotted: str) -> Any:
     """A ``model.*`` value typed from the method's config dataclass (unknown keys are left to
     :meth:`~cmrcnet.models.base.MethodSpec.validate_model_config`, which lists the valid ones)."""
-    if _is_null(value):  # e.g. vit_depth=null when a preset's ViT is swapped for a CNN
-        return None
     try:
         from cmrcnet.models import get_method
 
         spec_cls = get_method(method).Config
     except ConfigError:
         spec_cls = None
-    if spec_cls is not None and key in {f.name for f in fields(spec_cls)}:
+    known = spec_cls is not None and key in {f.name for f in fields(spec_cls)}
+    if _is_null(value) and not (known and _is_choice_word(spec_cls, key, value)):
+        return None  # e.g. vit_depth=null when a preset's ViT is swapped for a CNN
+    if known:
         return typed_value(spec_cls, key, value, dotted)
     return yaml.safe_load(value) if isinstance(value, str) and value != "" else value
+
+
+def _is_choice_word(cls: type, name: str, value: Any) -> bool:
+    """A non-optional text field given ``none`` keeps the word (``frozen_views=none`` is a choice,
+    checked by the method's own validation), where an optional field would be reset."""
+    tp = str(field_types(cls).get(name, ""))
+    return isinstance(value, str) and "None" not in tp and "str" in tp
 
 
 def _is_null(value: Any) -> bool:
