@@ -178,6 +178,22 @@ def flops_per_patch(encoder: Any, size_px: int) -> float:
     return float(fc.get_total_flops())
 
 
+def recall_at_k(approx: Any, exact: Any) -> float:
+    """Mean over queries of |approx ∩ exact| / k (``-1``, FAISS's empty slot, never matches)."""
+    import numpy as np
+
+    k = exact.shape[1]
+    hits = sum(int(np.isin(row_e, row_a).sum()) for row_a, row_e in zip(approx, exact))
+    return round(float(hits) / (k * len(exact)), 6)
+
+
+def timed_search(index: Any, queries: Any, k: int, exact: Any) -> tuple[float, float]:
+    """One query pass of a FAISS index: (seconds, recall@k against the exact neighbours ``exact``)."""
+    t = time.perf_counter()
+    _, idx = index.search(queries, k)
+    return time.perf_counter() - t, recall_at_k(idx, exact)
+
+
 # -- data ------------------------------------------------------------------------------------
 def her2st_dir(arg: str | None) -> Path | None:
     """``--data``, else ``$CMRCNET_DATA_DIR/her2st`` (or the variable's folder itself); None when

@@ -33,12 +33,6 @@ import _common as C  # noqa: E402
 from exact_search import clustered  # noqa: E402
 
 
-def recall_at_k(idx, ref) -> float:
-    import numpy as np
-
-    return float(np.mean([len(set(a) & set(b)) for a, b in zip(idx, ref)])) / ref.shape[1]
-
-
 def main() -> None:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=10_000)
@@ -82,10 +76,7 @@ def main() -> None:
     def sweep(name: str, index, build_s: float, points) -> None:
         for label, apply in points:
             apply()
-            t0 = time.perf_counter()
-            _, idx = index.search(q, k)
-            qs = time.perf_counter() - t0
-            rec = recall_at_k(idx, ref)
+            qs, rec = C.timed_search(index, q, k, ref)
             rows.append({"method": name, "params": label, "build_s": round(build_s, 1), "query_s": round(qs, 2),
                          "recall": round(rec, 4), "meets": rec >= args.recall and qs <= args.seconds,
                          "load1": C.loadavg()[0]})

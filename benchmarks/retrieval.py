@@ -140,16 +140,6 @@ def search_torch_device(q: np.ndarray, keys_dev, k: int, chunk_bytes: int = 2 <<
     return sims, idx
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over queries of |approx ∩ exact| / k (``-1`` never matches)."""
-    k = exact.shape[1]
-    a = np.sort(approx, axis=1)
-    hits = 0
-    for row_a, row_e in zip(a, exact):
-        hits += int(np.isin(row_e, row_a, assume_unique=False).sum())
-    return round(float(hits) / (k * len(exact)), 6)
-
-
 def progress(r: dict[str, Any]) -> None:
     """One line per measurement while a long run goes on (the tables come at the end)."""
     keys = ("bank", "backend", "params", "build_s", "query_s", "recall", "load1")
@@ -203,10 +193,7 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
         trade-off curve; stop once recall reaches ``--recall-stop`` or a pass exceeds ``--max-query-s``."""
         for params, apply in points:
             apply()
-            t = time.perf_counter()
-            _, i = index.search(q, k)
-            qs = time.perf_counter() - t
-            rec = recall_at_k(i, ex_i)
+            qs, rec = C.timed_search(index, q, k, ex_i)
             curve.append({"bank": m, "backend": backend, "params": params, "build_s": build_s,
                           "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
             progress(curve[-1])
@@ -238,7 +225,7 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
         qs = time.perf_counter() - t
         per_q = R.SEARCH_STATS["candidates"] / max(1, R.SEARCH_STATS["rows"])
         rows.append(row("torch-bf16", f"threshold, {per_q:.0f} candidates/query re-ranked in fp32", 0.0, qs,
-                        keys.nbytes * 3 // 2, recall_at_k(i, ex_i), len(q)))
+                        keys.nbytes * 3 // 2, C.recall_at_k(i, ex_i), len(q)))
     if "faiss-flat" in backends:
         nq = len(q) if m < args.flat_cap_from else min(len(q), args.flat_query_cap)
         t = time.perf_counter()
@@ -246,7 +233,7 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
         b_s = time.perf_counter() - t
         t = time.perf_counter()
         _, i = index.search(q[:nq], k)
-        rows.append(row("faiss-flat", "exact", b_s, time.perf_counter() - t, index_bytes(index), recall_at_k(i, ex_i[:nq]), nq))
+        rows.append(row("faiss-flat", "exact", b_s, time.perf_counter() - t, index_bytes(index), C.recall_at_k(i, ex_i[:nq]), nq))
         del index
     if "faiss-ivf" in backends:
         nlists = ivf_nlists(m, args.ivf_nlist)
@@ -324,7 +311,7 @@ def bench_gpu(keys: np.ndarray, q: np.ndarray, k: int) -> list[dict[str, Any]]:
         ref = i if ref is None else ref
         rows.append({"bank": m, "backend": "torch-cuda", "params": str(dtype).replace("torch.", ""), "build_s": b_s, "query_s": qs,
                      "query_s_10k": qs * 10_000 / len(q), "queries_timed": len(q), "ms_per_query": 1000 * qs / len(q),
-                     "index_mb": kd.numel() * kd.element_size() / 2**20, "recall": recall_at_k(i, ref), "load1": C.loadavg()[0]})
+                     "index_mb": kd.numel() * kd.element_size() / 2**20, "recall": C.recall_at_k(i, ref), "load1": C.loadavg()[0]})
         del kd
         torch.cuda.empty_cache()
     return rows
