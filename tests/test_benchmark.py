@@ -69,3 +69,29 @@ def test_benchmark_cli_bad_split(synth, tmp_path):
     )
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
+
+
+def test_method_scoped_overrides_reach_only_that_method(synth) -> None:
+    """``stnet:model.encoder_mode=frozen`` beside HisToGene (no encoder options): each job gets its own."""
+    from cmrcnet.benchmark import BenchmarkSpec, Job, job_config
+
+    spec = BenchmarkSpec(data=str(synth), methods=["stnet", "histogene"], preset="tiny",
+                         overrides={"train.epochs": "1", "stnet:model.encoder_mode": "scratch",
+                                    "stnet:train.epochs": "2"})
+    stnet = job_config(spec, Job("stnet", "stnet", 0, 0, ["S0"], ["S1"]))
+    histogene = job_config(spec, Job("histogene", "histogene", 0, 0, ["S0"], ["S1"]))
+    assert stnet.model["encoder_mode"] == "scratch" and stnet.train.epochs == 2
+    assert "encoder_mode" not in histogene.model and histogene.train.epochs == 1
+
+
+@pytest.mark.parametrize(("key", "message"), [("ridge:train.epochs", "'ridge' is not a method of this benchmark"),
+                                              ("histogene:model.encoder_mode", "histogene"),
+                                              ("model.encoder_mode", "histogene")])
+def test_bad_benchmark_override_is_one_line_before_any_work(synth, tmp_path, key: str, message: str) -> None:
+    out = tmp_path / "b"
+    r = subprocess.run([sys.executable, "-m", "cmrcnet", "benchmark", "--data", str(synth), "--out", str(out),
+                        "--methods", "stnet,histogene", "--preset", "tiny", "--set", f"{key}=frozen"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert message in r.stderr and len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1
+    assert not list(out.glob("runs/*"))

@@ -110,11 +110,30 @@ class BenchmarkSpec:
         return cls(**{k: v for k, v in raw.items() if k in names})
 
 
+def overrides_for(overrides: dict[str, Any], method: str) -> dict[str, Any]:
+    """One method's overrides: the plain ``key`` ones (every job), then its own ``method:key`` ones,
+    e.g. ``stnet:model.encoder_mode=frozen`` beside HisToGene, which has no encoder options."""
+    shared = {k: v for k, v in overrides.items() if ":" not in k}
+    own = {k.partition(":")[2]: v for k, v in overrides.items() if k.partition(":")[0] == method and ":" in k}
+    return {**shared, **own}
+
+
+def check_method_overrides(spec: BenchmarkSpec) -> None:
+    """``method:key`` overrides name a method of this benchmark (a typo would silently do nothing)."""
+    methods = {"cmrcnet"} if spec.ablation else set(spec.methods)
+    for k in spec.overrides:
+        m, sep, key = k.partition(":")
+        if sep and m not in methods:
+            raise ConfigError(f"--set {k}: {m!r} is not a method of this benchmark ({', '.join(sorted(methods))})")
+        if sep and not key:
+            raise ConfigError(f"--set {k}: no config key after {m!r}:")
+
+
 def job_config(spec: BenchmarkSpec, job: Job) -> RunConfig:
     ov: dict[str, Any] = {"data.path": spec.data, "seed": job.seed, "split.scheme": spec.split, "genes.selection": spec.gene_selection}
     if spec.dataset:
         ov["data.dataset"] = spec.dataset
-    ov.update(spec.overrides)
+    ov.update(overrides_for(spec.overrides, job.method))
     ov.update(job.overrides)
     return make_config(job.method, spec.preset, ov)
 
@@ -207,12 +226,15 @@ def run_benchmark(
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    check_method_overrides(spec)
     root = Path(out)
     data_ov = {k: v for k, v in spec.overrides.items() if k.startswith("data.")}  # e.g. data.skip_bad_samples
     base = make_config(spec.methods[0] if spec.methods else "cmrcnet", spec.preset,
                        {**data_ov, "data.path": spec.data, **({"data.dataset": spec.dataset} if spec.dataset else {})})
     samples = load_samples(base)
     folds, all_jobs = plan_jobs(spec, samples)
+    for job in {j.name: j for j in all_jobs}.values():  # every method's config, before any work
+        job_config(spec, job)
     selected = all_jobs
     if fold is not None:
         if fold not in {f.index for f in folds}:

@@ -25,7 +25,7 @@ def benchmark_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset manifest (e.g. COAD for a HEST folder)."),
     transductive_genes: bool = typer.Option(False, "--transductive-genes", help="Paper's choice: HVG union over ALL samples (leaks the test sample)."),
     ablation: bool = typer.Option(False, "--ablation", help="Run the Table 5 ablation grid of CMRCNet instead of --methods."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value for every job."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key=value for every job; method:key=value for one method's jobs (stnet:model.encoder_mode=frozen)."),
     resume: bool = typer.Option(False, "--resume", help="Skip finished jobs."),
     fold: Optional[int] = typer.Option(None, "--fold", help="Run one fold only (one per machine on a cluster)."),
     jobs: int = typer.Option(1, "--jobs", help="Folds run as this many parallel processes."),
