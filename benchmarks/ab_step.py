@@ -94,7 +94,13 @@ for i in range(spec["warmup"] + spec["steps"]):
     if i >= spec["warmup"]:
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-print(json.dumps({"wall": wall, "cpu": cpu, "losses": losses, "precision": prec, "size_px": s,
+profile = ""
+if spec["profile"]:  # one more step, by operator (self CPU time)
+    from torch.profiler import ProfilerActivity, profile as prof
+    with prof(activities=[ProfilerActivity.CPU]) as pr:
+        step()
+    profile = pr.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40)
+print(json.dumps({"wall": wall, "cpu": cpu, "losses": losses, "precision": prec, "size_px": s, "profile": profile,
                   "params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
                   "source": cmrcnet.__file__}))
 """
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4, help="A B / B A pairs alternate: use an even number")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE override for both trees")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table (by operator) of one more "
+                   "step of every process of tree B")
     p.add_argument("--env", action="append", default=[],
                    help="NAME=VALUE environment variable for both trees' processes (e.g. OMP_WAIT_POLICY=PASSIVE: "
                         "what a newer tree sets on import, given to an older one too)")
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     presets = [s.strip() for s in args.presets.split(",") if s.strip()]
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.batch < 1 or args.genes < 1:
+        raise SystemExit("ab_step: --steps, --rounds, --batch and --genes must be >= 1, --warmup >= 0")
     bad = [s for s in presets if s not in PRESETS]
     if bad:
         raise SystemExit(f"ab_step: unknown preset(s) {bad}; choose from {list(PRESETS)}")
@@ -163,14 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in presets:
         preset, extra = PRESETS[name]
         spec = {"preset": preset, "set": {**extra, **user}, "batch": args.batch, "genes": args.genes,
-                "steps": args.steps, "warmup": args.warmup, "threads": threads}
+                "steps": args.steps, "warmup": args.warmup, "threads": threads, "profile": False}
         these = []
         for r in range(args.rounds):
             order = (("A", args.a), ("B", args.b))
             # A B, B A, A B, ...: the second process of a pair ran 5-10 % faster here (docs/PERFORMANCE.md, 5b')
             for tree_name, tree in order if r % 2 == 0 else order[::-1]:
                 load0 = C.loadavg()[0]
-                res = run_child(tree, spec, extra_env)
+                res = run_child(tree, {**spec, "profile": args.profile and tree_name == "B"}, extra_env)
+                text = res.pop("profile", "")
+                if text:
+                    print(f"torch.profiler, {name}, tree B, round {r}:\n{text}", flush=True)
                 these.append({"preset": name, "round": r, "tree": tree_name, **res, "load1_start": load0,
                               "load1_end": C.loadavg()[0]})
                 print(f"  {name} round {r} {tree_name}: wall {C.median(res['wall']):.2f} s, cpu "
