@@ -144,6 +144,23 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     assert all(r["step_s"] > 0 for r in rows)
 
 
+def test_ab_step_smoke(tmp_path: Path) -> None:
+    """This tree against itself: two fresh processes, the same seed, so the same losses."""
+    proc = run_script("ab_step.py", tmp_path, "--a", str(ROOT), "--b", str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = check_envelope(tmp_path / "out.json", {"summary", "runs"})["tables"]
+    (row,) = tables["summary"]
+    assert row["preset"] == "tiny" and row["A_step_s"] > 0 and row["B_step_s"] > 0
+    a, b = ([r["losses"] for r in tables["runs"] if r["tree"] == t] for t in ("A", "B"))
+    assert a == b and len(a[0]) == 2
+
+
+def test_ab_step_bad_tree_is_one_line(tmp_path: Path) -> None:
+    proc = run_script("ab_step.py", tmp_path, "--a", str(tmp_path), "--b", str(ROOT))
+    assert proc.returncode != 0
+    assert "not a cmrcnet source tree" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_busy_machine_smoke(tmp_path: Path) -> None:
     """Three tiny training processes (one untimed), one beside a competitor: ~30-60 s."""
