@@ -87,11 +87,21 @@ def test_method_scoped_overrides_reach_only_that_method(synth) -> None:
 @pytest.mark.parametrize(("key", "message"), [("ridge:train.epochs", "'ridge' is not a method of this benchmark"),
                                               ("histogene:model.encoder_mode", "histogene"),
                                               ("model.encoder_mode", "histogene")])
-def test_bad_benchmark_override_is_one_line_before_any_work(synth, tmp_path, key: str, message: str) -> None:
+def test_bad_benchmark_override_is_refused_before_any_work(synth, tmp_path, key: str, message: str) -> None:
+    from cmrcnet.benchmark import BenchmarkSpec, run_benchmark
+    from cmrcnet.errors import ConfigError
+
     out = tmp_path / "b"
-    r = subprocess.run([sys.executable, "-m", "cmrcnet", "benchmark", "--data", str(synth), "--out", str(out),
-                        "--methods", "stnet,histogene", "--preset", "tiny", "--set", f"{key}=frozen"],
+    spec = BenchmarkSpec(data=str(synth), methods=["stnet", "histogene"], preset="tiny", overrides={key: "frozen"})
+    with pytest.raises(ConfigError, match=message):
+        run_benchmark(spec, out)
+    assert not list(out.glob("runs/*"))
+
+
+def test_bad_benchmark_override_is_one_line_on_the_command_line(synth, tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "cmrcnet", "benchmark", "--data", str(synth), "--out", str(tmp_path / "b"),
+                        "--methods", "stnet,histogene", "--preset", "tiny", "--set", "ridge:train.epochs=2"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert message in r.stderr and len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1
-    assert not list(out.glob("runs/*"))
+    assert "'ridge' is not a method of this benchmark" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1

@@ -210,6 +210,7 @@ def test_cohort_killed_midway_resumes(run_and_data, tmp_path) -> None:
 
 
 # -- SpatialData -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_spatialdata_store_opens_and_plots(slides, run_and_data, tmp_path, capsys) -> None:
     import matplotlib
 
