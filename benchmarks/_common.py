@@ -187,11 +187,12 @@ def recall_at_k(approx: Any, exact: Any) -> float:
     return round(float(hits) / (k * len(exact)), 6)
 
 
-def timed_search(index: Any, queries: Any, k: int, exact: Any) -> tuple[float, float]:
-    """One query pass of a FAISS index: (seconds, recall@k against the exact neighbours ``exact``)."""
+def timed_search(index: Any, queries: Any, k: int, exact: Any) -> tuple[float, float, Any]:
+    """One query pass of a FAISS index: (seconds, recall@k against the exact neighbours ``exact``,
+    the neighbours found)."""
     t = time.perf_counter()
     _, idx = index.search(queries, k)
-    return time.perf_counter() - t, recall_at_k(idx, exact)
+    return time.perf_counter() - t, recall_at_k(idx, exact), idx
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -54,11 +54,13 @@ def gemm_only(q, keys, block: int, rows: int) -> None:
     import torch
 
     kb = torch.from_numpy(keys).bfloat16()
+    buf = torch.empty(rows * block, dtype=torch.bfloat16)  # reused, as the search reuses its score buffer
     with torch.no_grad():
         for s in range(0, q.shape[0], rows):
             qb = torch.from_numpy(q[s : s + rows]).bfloat16()
             for b in range(0, kb.shape[0], block):
-                qb @ kb[b : b + block].T
+                w = min(block, kb.shape[0] - b)
+                torch.matmul(qb, kb[b : b + w].T, out=buf[: len(qb) * w].view(len(qb), w))
 
 
 def main() -> None:

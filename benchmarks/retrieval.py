@@ -87,8 +87,13 @@ def gene_encoder(n_genes: int, run: Path | None, preset: str, seed: int = 0):
 
 
 def augment_embed(model, seeds: np.ndarray, n: int, seed: int, device: str = "cpu", chunk: int = 8192,
-                  drop: float = 0.1, sigma: float = 0.1) -> np.ndarray:
-    """``n`` L2-normalised gene embeddings of augmented mixes of rows of ``seeds`` (see module doc)."""
+                  drop: float = 0.1, sigma: float = 0.1, expr_cols: np.ndarray | None = None,
+                  expr_out: np.ndarray | None = None) -> np.ndarray:
+    """``n`` L2-normalised gene embeddings of augmented mixes of rows of ``seeds`` (see module doc).
+
+    ``expr_out`` (n, len(expr_cols)), when given, is filled with the mixes' expression of the
+    genes ``expr_cols``: what a retrieval would average, to price an approximate index in
+    predicted expression rather than in neighbour identity."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -104,6 +109,8 @@ def augment_embed(model, seeds: np.ndarray, n: int, seed: int, device: str = "cp
             x = lam * base[i] + (1 - lam) * base[j]
             x = x * (torch.rand(x.shape, generator=g, device=device) >= drop)
             x = x * torch.exp(sigma * torch.randn(x.shape, generator=g, device=device))
+            if expr_out is not None:
+                expr_out[start : start + m] = x[:, torch.as_tensor(expr_cols, device=device)].cpu().numpy()
             e = torch.nn.functional.normalize(model.embed_genes(x).float(), dim=1).cpu().numpy()
             if out is None:
                 out = np.empty((n, e.shape[1]), np.float32)
@@ -193,7 +200,7 @@ def bench_size(rep: C.Report, keys: np.ndarray, q: np.ndarray, k: int, args, bac
         trade-off curve; stop once recall reaches ``--recall-stop`` or a pass exceeds ``--max-query-s``."""
         for params, apply in points:
             apply()
-            qs, rec = C.timed_search(index, q, k, ex_i)
+            qs, rec, _ = C.timed_search(index, q, k, ex_i)
             curve.append({"bank": m, "backend": backend, "params": params, "build_s": build_s,
                           "query_s": qs, "recall": rec, "load1": C.loadavg()[0]})
             progress(curve[-1])

@@ -168,3 +168,38 @@ def test_busy_machine_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = check_envelope(tmp_path / "out.json", {"runs"})["tables"]["runs"]
     assert row["setting"] == "default" and row["idle_s"] > 0 and row["busy_s"] > 0
+
+
+def test_frontier_prices_approximation_in_expression(monkeypatch: pytest.MonkeyPatch) -> None:
+    """approx_frontier --run: the expression kept beside each augmented bank row is the row that was
+    embedded (re-embedding it gives the same vector), and the per-gene PCC is numpy's."""
+    import numpy as np
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import approx_frontier
+    import retrieval as bench_retrieval
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(12, 6)
+
+        def embed_genes(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = Linear().eval()
+    seeds = np.random.default_rng(0).gamma(0.5, 2.0, (30, 12)).astype(np.float32)
+    expr = np.empty((50, 12), np.float32)
+    emb = bench_retrieval.augment_embed(model, seeds, 50, seed=1, chunk=16, expr_cols=np.arange(12), expr_out=expr)
+    with torch.no_grad():
+        again = torch.nn.functional.normalize(model.embed_genes(torch.from_numpy(expr)), dim=1).numpy()
+    np.testing.assert_allclose(emb, again, atol=1e-5)
+    assert not np.allclose(expr[:, :1], expr[0, 0])  # mixes differ
+    a, b = np.random.default_rng(1).normal(size=(2, 40, 5))
+    b[:, 3] = a[:, 3]
+    want = np.mean([np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(5)])
+    assert approx_frontier.mean_gene_pcc(a, b) == pytest.approx(want)
+    const = np.ones((40, 5))
+    assert approx_frontier.mean_gene_pcc(a, const) == 0.0  # a constant column counts as 0

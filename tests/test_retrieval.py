@@ -156,7 +156,8 @@ def test_auto_backend_by_bank_size(monkeypatch, bf16_faster: bool) -> None:
     assert resolve_backend("auto", 10_000) == "torch"
     # exact: the bf16 threshold search where bf16 is faster, else FAISS's tiled fp32 top-k
     assert resolve_backend("auto", 1_000_000) == ("torch" if bf16_faster else "faiss-flat")
-    assert resolve_backend("auto", 100_000) == "faiss-flat"  # the bf16 search's threshold is still loose there
+    assert resolve_backend("auto", 100_000) == ("torch" if bf16_faster else "faiss-flat")
+    assert resolve_backend("auto", 60_000) == "faiss-flat"  # FAISS flat wins below the bf16 search's minimum
     assert resolve_backend("auto", 1_000_000, precision="fp32") == "faiss-flat"  # fp32 asked for: FAISS's is faster
     if not bf16_faster:
         assert resolve_backend("auto", 3_000_000, auto_exact_max=5_000_000) == "faiss-flat"

@@ -59,20 +59,64 @@ def test_duplicates_and_near_ties() -> None:
     near = l2_normalise(np.repeat(base[30:], 30, 0) + 1e-4 * rng.normal(size=(900, 32)))
     keys = np.ascontiguousarray(rng.permutation(np.concatenate([exact_dups, near])))
     q = l2_normalise(base + 0.05 * rng.normal(size=base.shape))
+    R.SEARCH_STATS.update(fp32_fallbacks=0)
     for k in (10, 45, 61):
         sims, idx = search_torch(q, keys, k, precision="bf16", block=128, chunk_rows=17)
         assert_exact(q, keys, k, sims, idx)
+    assert R.SEARCH_STATS["fp32_fallbacks"] == 0  # the bf16 path itself was tested
 
 
-def test_narrow_cone_bank() -> None:
-    """Trained gene embeddings sit within cosine 0.98-0.99 of each other: most keys are inside
-    the bf16 error of the k-th score, so nearly everything is a candidate; still exact."""
-    rng = np.random.default_rng(4)
+def _cone(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Trained gene embeddings sit within cosine 0.98-0.99 of each other (the her2st bank: 0.12 from
+    its mean direction, median key 0.987, 50th neighbour 0.991): most keys are inside the bf16
+    error of the k-th score."""
     centre = _unit(rng, 1, 64)
-    keys = l2_normalise(centre + 0.1 * rng.normal(size=(4000, 64)))
-    q = l2_normalise(centre + 0.1 * rng.normal(size=(30, 64)))
+    keys = l2_normalise(centre + 0.015 * rng.normal(size=(4000, 64)))
+    return l2_normalise(centre + 0.015 * rng.normal(size=(30, 64))), keys
+
+
+def test_narrow_cone_bank_exact_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nearly every key a candidate (the give-up rule switched off): the bf16 path is still exact."""
+    q, keys = _cone(np.random.default_rng(4))
+    monkeypatch.setattr(R, "BF16_MAX_KEPT", 1.0)
+    R.SEARCH_STATS.update(rows=0, candidates=0, fp32_fallbacks=0)
     sims, idx = search_torch(q, keys, 50, precision="bf16", block=512, chunk_rows=8)
     assert_exact(q, keys, 50, sims, idx)
+    assert R.SEARCH_STATS["fp32_fallbacks"] == 0 and R.SEARCH_STATS["candidates"] > 30 * 2000
+
+
+def test_narrow_cone_bank_goes_to_fp32() -> None:
+    """A bank bf16 cannot prune (the real trained bank kept ~80 % of its pairs, and ran out of
+    memory at 20k keys): the probe says so before any work, ``search`` routes it to fp32, and
+    ``search_torch`` asked for bf16 gives up after its first block and finishes in fp32. Exact."""
+    rng = np.random.default_rng(4)
+    q, keys = _cone(rng)
+    assert not R.bf16_prunes(q, keys, 50, block=512)
+    spread_q, spread = _unit(rng, 30, 64), _unit(rng, 4000, 64)
+    assert R.bf16_prunes(spread_q, spread, 50, block=512)
+    assert R.exact_route("torch", "bf16", q, keys, 50) == ("torch", "fp32")
+    assert R.exact_route("torch", "bf16", spread_q, spread, 50) == ("torch", "bf16")
+    R.SEARCH_STATS.update(rows=0, candidates=0, fp32_fallbacks=0)
+    sims, idx = search_torch(q, keys, 50, precision="bf16", block=512, chunk_rows=8)
+    assert_exact(q, keys, 50, sims, idx)
+    assert R.SEARCH_STATS["fp32_fallbacks"] == 1 and R.SEARCH_STATS["rows"] == 0  # every chunk in fp32
+    sims, idx = R.search(q, keys, 50, backend="torch", precision="bf16")
+    assert_exact(q, keys, 50, sims, idx)
+
+
+def test_auto_sends_a_cone_bank_to_faiss_flat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``auto`` would run the bf16 search (a large bank, bf16 faster), a cone bank goes to
+    FAISS flat instead, as it would on a CPU without fast bf16."""
+    pytest.importorskip("faiss")
+    import cmrcnet.runtime as rt
+
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": True)
+    monkeypatch.setattr(R, "TORCH_BF16_MIN", 1000)
+    monkeypatch.setattr(R, "TORCH_EXACT_MAX", 1000)
+    q, keys = _cone(np.random.default_rng(4))
+    assert R.exact_route("auto", "auto", q, keys, 50) == ("faiss-flat", "fp32")
+    rng = np.random.default_rng(6)
+    assert R.exact_route("auto", "auto", _unit(rng, 30, 64), _unit(rng, 4000, 64), 50) == ("torch", "auto")
 
 
 def test_threshold_prunes_random_banks() -> None:

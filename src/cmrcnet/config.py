@@ -115,12 +115,14 @@ class RetrievalConfig:
     """``auto``, ``torch`` (exact), ``faiss-flat`` (exact), ``faiss-ivf``, ``faiss-ivfpq``, ``faiss-hnsw``."""
     auto_exact_max: int = _f(2_000_000, min=1)
     """``auto`` uses exact search up to this bank size (torch fp32 to 50k rows, then FAISS flat,
-    from 500k rows torch's bf16 threshold search where bf16 is faster), an approximate index (IVF-PQ) beyond."""
+    from 100k rows torch's bf16 threshold search where bf16 is faster and can prune the bank), an
+    approximate index (IVF-PQ) beyond."""
     exact_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))
     """Exact (torch) search scoring: ``fp32``, ``bf16`` (bf16 scores with a running per-query
     threshold and a certified error bound, candidates re-ranked in fp32: the same result as fp32)
-    or ``auto`` (``bf16`` for banks from 500k rows where the matmul probe finds bf16 faster:
-    :func:`cmrcnet.retrieval.exact_precision`)."""
+    or ``auto`` (``bf16`` for banks from 100k rows where the matmul probe finds bf16 faster:
+    :func:`cmrcnet.retrieval.exact_precision`). A bank whose neighbours lie within bf16's error of
+    each other (a narrow cone) is searched in fp32 whatever this says (:func:`cmrcnet.retrieval.bf16_prunes`)."""
     index: dict[str, Any] = field(default_factory=dict)
     """Approximate-index settings (``nlist``, ``nprobe``, ``pq_m``, ``k_factor``, ``M``, ``ef_search``)."""
     embed_precision: str = _f("auto", choices=("auto", "fp32", "bf16"))

@@ -88,9 +88,11 @@ class Bank:
     ) -> tuple[np.ndarray, np.ndarray]:
         """:func:`search` over this bank; a FAISS index is built once per backend and build
         settings, then reused for every later call (one per predicted section)."""
-        b = resolve_backend(backend, len(self), auto_exact_max, str(index_kwargs.get("precision", "auto")))
+        b, precision = exact_route(backend, str(index_kwargs.get("precision", "auto")), queries, self.embeddings, k,
+                                   auto_exact_max)
+        index_kwargs = {**index_kwargs, "precision": precision}
         index = None
-        if b == "torch" and exact_precision(str(index_kwargs.get("precision", "auto")), len(self)) == "bf16":
+        if b == "torch" and exact_precision(precision, len(self)) == "bf16":
             if "_keys_bf16" not in self.__dict__:  # converted once, reused by every later search
                 import torch
 
@@ -217,9 +219,24 @@ def bf16_score_eps(d: int) -> float:
     return (e_in + u * (1 + e_in) / (1 - u)) * 1.01 + 1e-6
 
 
-SEARCH_STATS = {"rows": 0, "candidates": 0}
-"""Counters of the bf16 exact search: query rows searched, and (row, key) candidates re-ranked
-in fp32 (the candidates per row show how well the threshold prunes). For benchmarks; reset freely."""
+SEARCH_STATS = {"rows": 0, "candidates": 0, "fp32_fallbacks": 0}
+"""Counters of the bf16 exact search: query rows searched, (row, key) candidates re-ranked in fp32
+(the candidates per row show how well the threshold prunes), and query chunks redone in fp32
+because the bank defeated bf16's resolution. For benchmarks and tests; reset freely."""
+
+BF16_MAX_KEPT = 0.05
+"""The bf16 search gives up (and the search is done in fp32) once it keeps more than this fraction
+of the (query, key) pairs it has scored, beyond ``4 k`` per query (see :func:`_bf16_hopeless`): on a bank whose neighbours all lie within bf16's error
+bound of each other (a trained encoder's narrow cone: the 50th neighbour 0.991, the median key
+0.987) it would otherwise keep ~80 % of them and run out of memory (20k keys x 1,024 queries
+took 24 GB). Prunable banks keep < 1 % (docs/PERFORMANCE.md 5c)."""
+
+
+def _bf16_hopeless(kept: float, queries: int, scanned: int, k: int) -> bool:
+    """Whether ``kept`` candidates for ``queries`` queries after ``scanned`` keys are too many for
+    the bf16 search to pay (:data:`BF16_MAX_KEPT`); the ``4 k`` allowance is the top-k itself and
+    its ties, which any bank keeps."""
+    return kept > queries * (BF16_MAX_KEPT * scanned + 4 * k)
 
 
 def topk_blocked(scores, k: int, block: int = 65_536):
@@ -272,79 +289,123 @@ reaches the threshold are looked at): a full compare + ``nonzero`` pass cost as 
 
 def _above(scores, lo):
     """``(rows, cols, values)`` of the entries of ``scores`` (n, w) that are ``>= lo`` (n,), rows
-    ascending (what :func:`_padded` needs). Keys ``c, c + w/g, c + 2w/g, ...`` form a group, so
-    the group maxima are an elementwise max over contiguous rows of the (n, g, w/g) view."""
+    ascending (what :func:`_padded` needs). Runs of ``g`` adjacent keys form a group: its max is
+    a reduction over the last dim of the (n, w/g, g) view, and a group that reaches ``lo`` is read
+    back as one 128-byte run (keys strided across the row cost 64 cache lines per group)."""
+    import torch
+
     n, w = scores.shape
     g = _GROUP if w % _GROUP == 0 and w >= 4 * _GROUP else 1
     lo = lo.unsqueeze(1)
     if g == 1:
         flat = (scores >= lo).view(-1).nonzero().squeeze(1)
         return flat // w, flat % w, scores.view(-1)[flat].float()
-    s3 = scores.view(n, g, w // g)
+    s3 = scores.view(n, w // g, g)
     if bool((lo > 0).all()):
         # positive bf16 values order like their bits as int16 (negative ones fall below any
         # positive threshold either way), and an int16 max is 5x faster than a bf16 one
-        import torch
-
-        gmax = s3.view(torch.int16).amax(1) >= lo.view(torch.int16)
+        gmax = s3.view(torch.int16).amax(2) >= lo.view(torch.int16)
     else:
-        gmax = s3.amax(1) >= lo
+        gmax = s3.amax(2) >= lo
     gr, gc = gmax.nonzero(as_tuple=True)  # groups holding a candidate
-    sub = s3[gr, :, gc]  # (groups, g): their scores
+    sub = s3.view(-1, g).index_select(0, gr * (w // g) + gc)  # (groups, g): their scores
     hit_g, hit_t = (sub >= lo[gr]).nonzero(as_tuple=True)
     # nonzero is row-major: gr ascends, and so does hit_g, so the rows come out ascending
-    return gr[hit_g], hit_t * (w // g) + gc[hit_g], sub[hit_g, hit_t].float()
+    return gr[hit_g], gc[hit_g] * g + hit_t, sub[hit_g, hit_t].float()
 
 
 def _bf16_threshold_topk(q, kt, kb, k: int, block: int, eps: float):
     """Exact top-``k`` of one query chunk: bf16 scores of bank blocks, keeping per query only
     keys within ``2 eps`` of the running k-th bf16 score; the survivors of the final threshold
-    are ranked by fp32 dot products.
+    are ranked by fp32 dot products. ``(sims, idx, candidates)``.
 
     Why exact: after any blocks, ``k`` keys have bf16 scores >= the running k-th ``t``, so their
     true scores are >= ``t - eps`` and so is the true k-th score; a key whose bf16 score is
     below ``t - 2 eps`` has a true score below ``t - eps``: not in the top-k (ties included).
     No score block is sorted: per block a compare, and a top-k merge of ``k + (candidates in
-    the block)`` columns per row for the threshold."""
+    the block)`` columns per row for the threshold. ``None`` when more than
+    :data:`BF16_MAX_KEPT` of the scored pairs survive (bf16 cannot tell this bank's keys apart)."""
     import torch
 
     n, m = q.shape[0], kt.shape[0]
     qb = q.to(torch.bfloat16)
     first = min(m, max(block, k))
-    s0 = qb @ kb[:first].T
-    bv = torch.topk(s0.float(), k, dim=1, sorted=True).values  # running top-k of bf16 scores
-    parts = []
-    threads = torch.get_num_threads()
+    # one score buffer for all blocks: a fresh (n, block) product per block (32 MB, page faults on
+    # first touch) ran the GEMM at half the rate of one written into reused memory
+    buf = torch.empty(n * first, dtype=torch.bfloat16)
+
+    def scores_of(start: int, stop: int):
+        return torch.matmul(qb, kb[start:stop].T, out=buf[: n * (stop - start)].view(n, stop - start))
+
+    bv = torch.topk(scores_of(0, first), k, dim=1, sorted=True).values.float()  # running top-k of bf16 scores
+    parts, kept = [], 0
     for start, stop in [(0, first)] + [(s, min(m, s + block)) for s in range(first, m, block)]:
-        scores = s0 if start == 0 else qb @ kb[start:stop].T
-        # the screening ops are small: on 1 thread each takes well under a millisecond, on 2 threads
-        # of a loaded machine each waited for a descheduled OpenMP thread (10-25 ms per op)
-        torch.set_num_threads(1)
-        try:
-            rows, cols, vals = _above(scores, _bf16_floor(bv[:, -1] - 2 * eps))
-            parts.append((rows, cols + start, vals))
-            if start > 0 and rows.numel():  # block 0's bf16 top-k is already in bv
-                (new_bv,) = _padded(rows, n, vals)
-                bv = torch.topk(torch.cat([bv, new_bv], 1), k, dim=1, sorted=True).values
-        finally:
-            torch.set_num_threads(threads)
-    del s0
+        scores = buf[: n * first].view(n, first) if start == 0 else scores_of(start, stop)
+        rows, cols, vals = _above(scores, _bf16_floor(bv[:, -1] - 2 * eps))
+        parts.append((rows, cols + start, vals))
+        kept += rows.numel()
+        if _bf16_hopeless(kept, n, stop, k):
+            return None
+        if start > 0 and rows.numel():  # block 0's bf16 top-k is already in bv
+            (new_bv,) = _padded(rows, n, vals)
+            bv = torch.topk(torch.cat([bv, new_bv], 1), k, dim=1, sorted=True).values
     rows, cols, vals = (torch.cat(x) for x in zip(*parts))
     keep = (vals >= bv[rows, -1] - 2 * eps).nonzero().squeeze(1)  # the final threshold
     keep = keep[torch.argsort(rows[keep], stable=True)]
     rows, cols = rows[keep], cols[keep]
-    exact = torch.einsum("cd,cd->c", q[rows], kt[cols])
+    exact = torch.einsum("cd,cd->c", q.index_select(0, rows), kt.index_select(0, cols))  # 2x faster than [...]
     pv, pi = _padded(rows, n, exact, cols)
     v, j = torch.topk(pv, k, dim=1, sorted=True)
-    SEARCH_STATS["rows"] += n
-    SEARCH_STATS["candidates"] += int(rows.numel())
-    return v, torch.gather(pi, 1, j)
+    return v, torch.gather(pi, 1, j), int(rows.numel())
 
 
-TORCH_BF16_MIN = 500_000
+def _bf16_search(q: np.ndarray, kt, kb, k: int, block: int, spans: list[tuple[int, int]],
+                 sims_out: np.ndarray, idx_out: np.ndarray) -> list[tuple[int, int]]:
+    """The bf16 threshold search of the query ``spans``, one worker thread per intra-op thread,
+    each running its chunks on one thread: the selection ops are small and serial, so with one
+    pool of 2 threads the second core idled through ~half of the search (and under load each
+    small op waited for a descheduled OpenMP thread). Returns the spans left to fp32: all not
+    finished once one chunk found the bank unprunable."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    eps = bf16_score_eps(kt.shape[1])
+    threads = torch.get_num_threads()
+    gave_up = threading.Event()
+
+    def run(span: tuple[int, int]) -> tuple[tuple[int, int], int | None]:
+        if gave_up.is_set():
+            return span, None
+        torch.set_num_threads(1)
+        # grad mode and autocast are per thread: set them in the worker
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            out = _bf16_threshold_topk(torch.from_numpy(q[span[0] : span[1]]), kt, kb, k, block, eps)
+        if out is None:
+            gave_up.set()
+            return span, None
+        sims_out[span[0] : span[1]] = out[0].numpy()
+        idx_out[span[0] : span[1]] = out[1].numpy()
+        return span, out[2]
+
+    try:
+        with ThreadPoolExecutor(max(1, min(threads, len(spans)))) as pool:
+            done = list(pool.map(run, spans))
+    finally:
+        torch.set_num_threads(threads)
+    left = [span for span, c in done if c is None]
+    SEARCH_STATS["fp32_fallbacks"] += int(bool(left))
+    SEARCH_STATS["rows"] += sum(b - a for (a, b), c in done if c is not None)
+    SEARCH_STATS["candidates"] += sum(c for _, c in done if c is not None)
+    return left
+
+
+TORCH_BF16_MIN = 100_000
 """From this bank size ``auto`` runs exact search as the bf16 threshold search where bf16 is
-faster: 1.75x FAISS flat at 10k x 1M, but 0.85x at 10k x 100k (the running threshold stays
-loose for most blocks) and no faster than torch fp32 at 50k or below (docs/PERFORMANCE.md 5c)."""
+faster and the bank is prunable (:func:`bf16_prunes`): 10k queries, idle 2-core AVX512-BF16 CPU,
+2.74x FAISS flat at 1M keys and 1.55x at 100k, but 0.85x at 50k and 0.43x at 20k, where FAISS
+flat (or torch fp32 up to :data:`TORCH_EXACT_MAX`) is used (docs/PERFORMANCE.md 5c)."""
 
 
 def exact_precision(precision: str, n_keys: int) -> str:
@@ -386,23 +447,46 @@ def search_torch(
     """
     import torch
 
-    use_bf16 = exact_precision(precision, keys.shape[0]) == "bf16"
-    sims_out = np.empty((q.shape[0], k), np.float32)
-    idx_out = np.empty((q.shape[0], k), np.int64)
+    n = q.shape[0]
+    sims_out = np.empty((n, k), np.float32)
+    idx_out = np.empty((n, k), np.int64)
+    fp32_rows = max(1, chunk_bytes // (4 * max(1, keys.shape[0])))
     # autocast off: an outer bf16 autocast would otherwise turn the fp32 path into bf16
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         kt = torch.from_numpy(keys)
-        if use_bf16:
+        spans = [(0, n)]
+        if exact_precision(precision, keys.shape[0]) == "bf16":
             kb = keys_bf16 if keys_bf16 is not None else kt.to(torch.bfloat16)
-            rows, eps = max(1, int(chunk_rows)), bf16_score_eps(keys.shape[1])
-        else:
-            rows = max(1, chunk_bytes // (4 * max(1, keys.shape[0])))
-        for s in range(0, q.shape[0], rows):
-            qc = torch.from_numpy(q[s : s + rows])
-            v, i = _bf16_threshold_topk(qc, kt, kb, k, int(block), eps) if use_bf16 else topk_blocked(qc @ kt.T, k)
-            sims_out[s : s + rows] = v.numpy()
-            idx_out[s : s + rows] = i.numpy()
+            # at least one chunk per worker thread (a section's few hundred spots are split too)
+            rows = max(1, min(int(chunk_rows), -(-n // torch.get_num_threads())))
+            spans = _bf16_search(q, kt, kb, k, int(block), [(s, min(n, s + rows)) for s in range(0, n, rows)],
+                                 sims_out, idx_out)
+        for a, b in spans:  # fp32: everything, or what the bf16 search gave up on
+            for s in range(a, b, fp32_rows):
+                e = min(b, s + fp32_rows)
+                v, i = topk_blocked(torch.from_numpy(q[s:e]) @ kt.T, k)
+                sims_out[s:e] = v.numpy()
+                idx_out[s:e] = i.numpy()
     return sims_out, idx_out
+
+
+def bf16_prunes(q: np.ndarray, keys: np.ndarray, k: int, block: int = 16_384, sample: int = 256) -> bool:
+    """Whether the bf16 threshold search can prune this bank for these queries: up to ``sample``
+    queries scored in bf16 against the first ``block`` keys (what the search scores first) keep few
+    enough pairs within ``2 eps`` of their k-th score (:func:`_bf16_hopeless`). Milliseconds; lets
+    :func:`search` send a narrow-cone bank to an fp32 exact search before any work. ``keys``
+    L2-normalised; ``q`` need not be."""
+    import torch
+
+    if len(q) == 0:
+        return True
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        rows = np.linspace(0, len(q) - 1, min(len(q), sample)).astype(int)
+        qs = torch.from_numpy(l2_normalise(np.atleast_2d(q)[rows])).bfloat16()
+        s = (qs @ torch.from_numpy(keys[:block]).bfloat16().T).float()
+        kth = torch.topk(s, min(k, s.shape[1]), dim=1).values[:, -1:]
+        kept = int((s >= kth - 2 * bf16_score_eps(keys.shape[1])).sum())
+    return not _bf16_hopeless(kept, s.shape[0], s.shape[1], k)
 
 
 def _faiss():
@@ -497,7 +581,8 @@ def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000, 
     """``auto``: exact search up to ``auto_exact_max`` keys, an IVF-PQ index beyond. Exact is
     ``torch`` (fp32) below :data:`TORCH_EXACT_MAX`, ``torch`` with the bf16 threshold search from
     :data:`TORCH_BF16_MIN` where bf16 matmuls are faster, else ``faiss-flat``. ``precision``: the
-    search's setting (``fp32`` asked for: FAISS flat above :data:`TORCH_EXACT_MAX`)."""
+    search's setting (``fp32`` asked for: FAISS flat above :data:`TORCH_EXACT_MAX`). Whether bf16
+    can prune the bank needs the queries: :func:`exact_route`."""
     if backend not in BACKENDS:
         raise ConfigError(f"retrieval backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -507,6 +592,20 @@ def resolve_backend(backend: str, n_keys: int, auto_exact_max: int = 2_000_000, 
     if n_keys <= TORCH_EXACT_MAX or exact_precision(precision, n_keys) == "bf16":
         return "torch"
     return "faiss-flat"
+
+
+def exact_route(
+    backend: str, precision: str, queries: np.ndarray, keys: np.ndarray, k: int, auto_exact_max: int = 2_000_000
+) -> tuple[str, str]:
+    """``(backend, precision)`` for a search: :func:`resolve_backend`, then, where that chose the
+    bf16 exact search, a :func:`bf16_prunes` probe; a bank bf16 cannot prune is searched in fp32
+    (the same exact result), with FAISS flat where ``auto`` would have taken it without bf16."""
+    b = resolve_backend(backend, keys.shape[0], auto_exact_max, precision)
+    if b == "torch" and exact_precision(precision, keys.shape[0]) == "bf16" and not bf16_prunes(queries, keys, k):
+        precision = "fp32"
+        if backend == "auto":
+            b = resolve_backend(backend, keys.shape[0], auto_exact_max, precision)
+    return b, precision
 
 
 def search(
@@ -539,14 +638,14 @@ def search(
     k = min(int(k), kk.shape[0])
     if q.shape[0] == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    b = resolve_backend(backend, kk.shape[0], auto_exact_max, str(index_kwargs.get("precision", "auto")))
+    b, precision = exact_route(backend, str(index_kwargs.get("precision", "auto")), q, kk, k, auto_exact_max)
     if b == "torch":
         sims, idx = search_torch(
             q,
             kk,
             k,
             int(index_kwargs.get("chunk_bytes", 256 << 20)),
-            str(index_kwargs.get("precision", "auto")),
+            precision,
             int(index_kwargs.get("block", 16_384)),
             int(index_kwargs.get("chunk_rows", 1024)),
             index_kwargs.get("keys_bf16"),
