@@ -19,6 +19,7 @@ heads on cached features: the batch carries the encoder's features of the same p
     python benchmarks/ab_step.py --a ../base --b . --rounds 4 --threads 2
     python benchmarks/ab_step.py --a ../base --b . --env OMP_WAIT_POLICY=PASSIVE --env THP_MEM_ALLOC_ENABLE=1
     python benchmarks/ab_step.py --a . --b . --presets frozen --steps 10     # A/A: the noise floor
+    python benchmarks/ab_step.py --a . --b . --env-b GOMP_SPINCOUNT=10000    # one tree, two wait settings
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[],
                    help="NAME=VALUE environment variable for both trees' processes (e.g. OMP_WAIT_POLICY=PASSIVE: "
                         "what a newer tree sets on import, given to an older one too)")
+    p.add_argument("--env-b", action="append", default=[],
+                   help="NAME=VALUE for tree B's processes only (A/A runs of one tree under two settings)")
     args = p.parse_args(argv)
     if args.smoke:
         args.presets, args.batch, args.genes, args.steps, args.warmup, args.rounds = "tiny", 8, 50, 1, 1, 1
@@ -162,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     for tree in (args.a, args.b):
         if not (tree / "src" / "cmrcnet").is_dir():
             raise SystemExit(f"ab_step: {tree} is not a cmrcnet source tree (no src/cmrcnet)")
-    bad_kv = [a for a in args.set + args.env if "=" not in a]
+    bad_kv = [a for a in args.set + args.env + args.env_b if "=" not in a]
     if bad_kv:
-        raise SystemExit(f"ab_step: --set/--env take KEY=VALUE, got {bad_kv[0]!r}")
+        raise SystemExit(f"ab_step: --set/--env/--env-b take KEY=VALUE, got {bad_kv[0]!r}")
     user = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)}
     extra_env = dict(a.split("=", 1) for a in args.env)
+    env_of = {"A": extra_env, "B": {**extra_env, **dict(a.split("=", 1) for a in args.env_b)}}
     threads = args.threads or 2
     rep = C.Report("ab_step", args)
     runs, rows = [], []
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             # A B, B A, A B, ...: the second process of a pair ran 5-10 % faster here (docs/PERFORMANCE.md, 5b')
             for tree_name, tree in order if r % 2 == 0 else order[::-1]:
                 load0 = C.loadavg()[0]
-                res = run_child(tree, {**spec, "profile": args.profile and tree_name == "B"}, extra_env)
+                res = run_child(tree, {**spec, "profile": args.profile and tree_name == "B"}, env_of[tree_name])
                 text = res.pop("profile", "")
                 if text:
                     print(f"torch.profiler, {name}, tree B, round {r}:\n{text}", flush=True)
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
               f"speedup {rows[-1]['speedup_wall']}x wall, {rows[-1]['speedup_cpu']}x cpu", flush=True)
     rep.table("summary", f"CMRCNet training step, batch {args.batch}, {args.genes} genes, {threads} threads: "
               f"A={args.a}, B={args.b} (medians over {args.rounds} rounds x {args.steps} steps)"
-              + (f"; environment of both: {' '.join(args.env)}" if args.env else ""), rows)
+              + (f"; environment of both: {' '.join(args.env)}" if args.env else "")
+              + (f"; of B only: {' '.join(args.env_b)}" if args.env_b else ""), rows)
     rep.table("runs", "every process", [{k: v for k, v in r.items() if k not in ("source",)} for r in runs])
     rep.write(C.resolve_out(args.out, "ab_step", args.smoke))
     return 0
