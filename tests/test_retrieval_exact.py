@@ -164,3 +164,21 @@ def test_auto_precision_follows_the_probe(monkeypatch: pytest.MonkeyPatch) -> No
     assert R.exact_precision("bf16", 10) == "bf16" and R.exact_precision("fp32", big) == "fp32"
     with pytest.raises(ConfigError):
         R.exact_precision("fp8", big)
+
+
+def test_bank_search_routes_a_cone_bank_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Bank.search`` (what predict calls): a cone bank is not converted to bf16 but gets a cached
+    FAISS flat index, and the neighbours are exact."""
+    pytest.importorskip("faiss")
+    import cmrcnet.runtime as rt
+
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": True)
+    monkeypatch.setattr(R, "TORCH_BF16_MIN", 1000)
+    monkeypatch.setattr(R, "TORCH_EXACT_MAX", 1000)
+    q, keys = _cone(np.random.default_rng(4))
+    bank = R.Bank(keys, np.zeros((len(keys), 2), np.float32), ["a", "b"], np.arange(len(keys)).astype(str))
+    for _ in range(2):
+        sims, idx = bank.search(q, 50)
+        assert_exact(q, bank.embeddings, 50, sims, idx)
+    assert "_keys_bf16" not in bank.__dict__
+    assert [b for b, _ in bank.__dict__["_indexes"]] == ["faiss-flat"]
