@@ -18,6 +18,8 @@ metric on unit vectors, as ``retrieval.build_faiss_index``), one coarse quantize
                  ``k_factor * k`` re-ranked exactly with the full vectors (``IndexRefineFlat``):
                  a large cheap candidate list, an exact final ranking; ``nprobe x k_factor`` sweep
 ``ivf-sq8-rflat`` 8-bit scalar-quantised lists + exact re-rank; ``nprobe x k_factor`` sweep
+``library``      ``retrieval.build_faiss_index(keys, "faiss-ivfpq")`` with the package's defaults
+                 (what ``auto`` uses beyond ``auto_exact_max``); one point
 ``hnsw``         ``IndexHNSWFlat`` (``--hnsw-m``, efConstruction 64); ``efSearch`` sweep, built
                  only for banks up to ``--hnsw-max-bank`` (its build is minutes at 1M on 2 cores)
 
@@ -101,7 +103,7 @@ def main() -> None:
     p.add_argument("--hnsw-m", type=int, default=16)
     p.add_argument("--ef-searches", default="64,128,256")
     p.add_argument("--hnsw-max-bank", type=int, default=300_000)
-    p.add_argument("--methods", default="ivf-flat,ivf-pq-rflat,ivf-sq8-rflat,hnsw")
+    p.add_argument("--methods", default="ivf-flat,ivf-pq-rflat,ivf-sq8-rflat,hnsw,library")
     p.add_argument("--recall", type=float, default=0.95)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--max-query-s", type=float, default=60.0, help="stop a sweep once a pass is slower than this")
@@ -160,7 +162,7 @@ def main() -> None:
 
     nprobes = [int(x) for x in args.nprobes.split(",")]
     kfs = [int(x) for x in args.k_factors.split(",")]
-    need_ivf = any(m.startswith("ivf") for m in methods)
+    need_ivf = any(m.startswith("ivf") for m in methods)  # "library" trains its own quantizer
     if need_ivf:
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
@@ -196,6 +198,11 @@ def main() -> None:
             pts = [(f"nprobe {n}, k_factor {kf}",
                     lambda n=n, kf=kf, ivf=ivf, index=index: (setattr(ivf, "nprobe", n), setattr(index, "k_factor", float(kf))))
                    for n in nprobes for kf in kfs]
+        elif name == "library":  # what cmrcnet's faiss-ivfpq backend builds with its defaults
+            from cmrcnet.retrieval import build_faiss_index, set_query_params
+
+            index = build_faiss_index(keys, "faiss-ivfpq")
+            pts = [("faiss-ivfpq defaults", lambda index=index: set_query_params(index, "faiss-ivfpq"))]
         elif name == "hnsw":
             if args.bank > args.hnsw_max_bank:
                 rep.note(f"hnsw not built: bank {args.bank} > --hnsw-max-bank {args.hnsw_max_bank}")

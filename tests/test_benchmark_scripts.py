@@ -131,7 +131,7 @@ def test_approx_frontier_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = check_envelope(tmp_path / "out.json", {"frontier"})
     methods = {r["method"] for r in payload["tables"]["frontier"]}
-    assert {"ivf-flat", "ivf-pq-rflat", "ivf-sq8-rflat", "hnsw"} <= methods
+    assert {"ivf-flat", "ivf-pq-rflat", "ivf-sq8-rflat", "hnsw", "library"} <= methods
     assert all(0 <= r["recall"] <= 1 for r in payload["tables"]["frontier"])
 
 

@@ -541,7 +541,8 @@ def build_faiss_index(keys: np.ndarray, backend: str, **index_kwargs: Any):
 
     ``faiss-ivf``: inverted lists of full vectors, ``nlist`` (default ``4 * sqrt(M)``, at most
     ``M / 39``), ``nprobe``; ``faiss-ivfpq``: the same lists holding 4-bit fast-scan PQ codes
-    (``pq_m`` sub-quantizers, default ``D / 4``), the ``k_factor * k`` best re-ranked with the
+    (``pq_m`` sub-quantizers, default ``D / 2``: on a trained encoder's bank ``D / 4`` capped recall@50
+    near 0.6 whatever the lists probed, docs/PERFORMANCE.md 5d'), the ``k_factor * k`` best re-ranked with the
     full vectors; ``faiss-hnsw``: ``M`` (default 32), ``ef_construction`` (default 200),
     ``ef_search``. See :func:`set_query_params` for the query-time settings.
     """
@@ -556,7 +557,7 @@ def build_faiss_index(keys: np.ndarray, backend: str, **index_kwargs: Any):
         index.train(_ivf_training_rows(keys, nlist, index_kwargs))
     elif backend == "faiss-ivfpq":
         nlist = _ivf_nlist(m, index_kwargs)
-        pq_m = int(index_kwargs.get("pq_m") or (d // 4 if d % 4 == 0 else d))
+        pq_m = int(index_kwargs.get("pq_m") or (d // 2 if d % 2 == 0 else d))
         if d % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide the embedding dimension {d}")
         index = faiss.index_factory(d, f"IVF{nlist},PQ{pq_m}x4fs,RFlat", faiss.METRIC_L2)
