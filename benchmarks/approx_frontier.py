@@ -59,7 +59,6 @@ def trained_bank(args):
     """``retrieval.py``'s trained-encoder bank (cached under ``--cache``) with the expression of the
     ``--expr-genes`` most expressed training genes for the bank rows and the queries."""
     import numpy as np
-
     import retrieval as RB
 
     data = C.her2st_dir(args.data)

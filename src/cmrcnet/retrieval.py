@@ -226,10 +226,11 @@ because the bank defeated bf16's resolution. For benchmarks and tests; reset fre
 
 BF16_MAX_KEPT = 0.05
 """The bf16 search gives up (and the search is done in fp32) once it keeps more than this fraction
-of the (query, key) pairs it has scored, beyond ``4 k`` per query (see :func:`_bf16_hopeless`): on a bank whose neighbours all lie within bf16's error
-bound of each other (a trained encoder's narrow cone: the 50th neighbour 0.991, the median key
-0.987) it would otherwise keep ~80 % of them and run out of memory (20k keys x 1,024 queries
-took 24 GB). Prunable banks keep < 1 % (docs/PERFORMANCE.md 5c)."""
+of the (query, key) pairs it has scored, beyond ``4 k`` per query (:func:`_bf16_hopeless`): on a
+bank whose neighbours all lie within bf16's error bound of each other (a trained encoder's narrow
+cone: the 50th neighbour 0.991, the median key 0.987) it would otherwise keep ~80 % of them and
+run out of memory (20k keys x 1,024 queries took 24 GB). Prunable banks keep < 1 %
+(docs/PERFORMANCE.md 5c)."""
 
 
 def _bf16_hopeless(kept: float, queries: int, scanned: int, k: int) -> bool:
