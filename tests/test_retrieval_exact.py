@@ -182,3 +182,20 @@ def test_bank_search_routes_a_cone_bank_once(monkeypatch: pytest.MonkeyPatch) ->
         assert_exact(q, bank.embeddings, 50, sims, idx)
     assert "_keys_bf16" not in bank.__dict__
     assert [b for b, _ in bank.__dict__["_indexes"]] == ["faiss-flat"]
+
+
+def test_bank_search_probes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 probe runs once per ``Bank.search`` (the bank routes, ``search`` does not again)."""
+    import cmrcnet.runtime as rt
+
+    monkeypatch.setattr(rt, "bf16_is_faster", lambda device="cpu": True)
+    monkeypatch.setattr(R, "TORCH_BF16_MIN", 1000)
+    calls = []
+    probe = R.bf16_prunes
+    monkeypatch.setattr(R, "bf16_prunes", lambda *a, **kw: calls.append(1) or probe(*a, **kw))
+    rng = np.random.default_rng(7)
+    q, keys = _unit(rng, 30, 64), _unit(rng, 4000, 64)
+    bank = R.Bank(keys, np.zeros((len(keys), 1), np.float32), ["g"], np.arange(len(keys)).astype(str))
+    sims, idx = bank.search(q, 20, backend="torch")
+    assert_exact(q, bank.embeddings, 20, sims, idx)
+    assert len(calls) == 1 and "_keys_bf16" in bank.__dict__

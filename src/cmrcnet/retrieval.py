@@ -104,7 +104,7 @@ class Bank:
             if (b, build) not in cache:
                 cache[(b, build)] = build_faiss_index(self.embeddings, b, **index_kwargs)
             index = cache[(b, build)]
-        return search(queries, self.embeddings, k, b, auto_exact_max, index=index, **index_kwargs)
+        return search(queries, self.embeddings, k, b, auto_exact_max, index=index, routed=True, **index_kwargs)
 
     def save(self, path: str | Path) -> None:
         """Write ``.npz`` (default) or ``.h5``; the file appears only once complete."""
@@ -617,6 +617,7 @@ def search(
     backend: str = "auto",
     auto_exact_max: int = 2_000_000,
     index: Any = None,
+    routed: bool = False,
     **index_kwargs: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` keys by cosine similarity for each query: ``(sims (N,k), idx (N,k))``, sorted descending.
@@ -628,6 +629,8 @@ def search(
     may return ``-1`` indices when they find fewer than ``k`` candidates; their
     similarity is then ``-inf``. Torch backend settings: ``precision`` (``auto``/``fp32``/``bf16``),
     ``block``, ``chunk_rows``, ``chunk_bytes``, ``keys_bf16``: see :func:`search_torch`.
+    ``routed``: ``backend`` and ``precision`` are already :func:`exact_route`'s answer (as
+    :meth:`Bank.search` passes them), so its bf16 probe is not run a second time.
     """
     q = l2_normalise(np.atleast_2d(queries))
     kk = l2_normalise(np.atleast_2d(keys))
@@ -640,7 +643,9 @@ def search(
     k = min(int(k), kk.shape[0])
     if q.shape[0] == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    b, precision = exact_route(backend, str(index_kwargs.get("precision", "auto")), q, kk, k, auto_exact_max)
+    b, precision = backend, str(index_kwargs.get("precision", "auto"))
+    if not routed:
+        b, precision = exact_route(b, precision, q, kk, k, auto_exact_max)
     if b == "torch":
         sims, idx = search_torch(
             q,
