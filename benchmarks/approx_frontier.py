@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from exact_search import clustered  # noqa: E402
 
+METHODS = ("ivf-flat", "ivf-pq-rflat", "ivf-sq8-rflat", "hnsw", "library")
+
 
 def mean_gene_pcc(a, b) -> float:
     """Mean over columns (genes) of the Pearson correlation between ``a`` and ``b`` (rows: queries);
@@ -53,6 +55,19 @@ def mean_gene_pcc(a, b) -> float:
     b = b - b.mean(0)
     den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
     return float(np.mean(np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), 0.0)))
+
+
+def check_args(args) -> None:
+    """One line and exit 1 for what can be checked before minutes of work."""
+    unknown = [m for m in args.methods.split(",") if m.strip() and m.strip() not in METHODS]
+    if unknown:
+        raise SystemExit(f"approx_frontier: --methods: unknown {unknown}; choose from {list(METHODS)}")
+    if args.run is not None and not (args.run / "config.yaml").is_file():
+        raise SystemExit(f"approx_frontier: --run {args.run}: not a cmrcnet run directory (no config.yaml)")
+    if args.expr_genes < 1:
+        raise SystemExit(f"approx_frontier: --expr-genes must be >= 1, got {args.expr_genes}")
+    if args.pq_m < 0 or (args.pq_m and args.run is None and args.dim % args.pq_m):
+        raise SystemExit(f"approx_frontier: --pq-m {args.pq_m} must divide --dim {args.dim} (0: dim / 4)")
 
 
 def trained_bank(args):
@@ -102,7 +117,7 @@ def main() -> None:
     p.add_argument("--hnsw-m", type=int, default=16)
     p.add_argument("--ef-searches", default="64,128,256")
     p.add_argument("--hnsw-max-bank", type=int, default=300_000)
-    p.add_argument("--methods", default="ivf-flat,ivf-pq-rflat,ivf-sq8-rflat,hnsw,library")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--recall", type=float, default=0.95)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--max-query-s", type=float, default=60.0, help="stop a sweep once a pass is slower than this")
@@ -114,6 +129,7 @@ def main() -> None:
     if args.smoke:
         args.queries, args.bank, args.dim, args.k, args.clusters, args.nlist = 200, 5000, 32, 10, 50, 32
         args.nprobes, args.k_factors, args.ef_searches = "4,16", "4", "32"
+    check_args(args)
     C.apply_threads(args.threads)
     import faiss
     import numpy as np
@@ -127,6 +143,9 @@ def main() -> None:
     if args.run is not None:
         keys, q, bank_expr, q_expr, src = trained_bank(args)
         args.dim = keys.shape[1]
+        if args.pq_m and args.dim % args.pq_m:
+            raise SystemExit(f"approx_frontier: --pq-m {args.pq_m} must divide the run's embedding "
+                             f"dimension {args.dim}")
     else:
         keys, centres = clustered(args.bank, args.dim, args.clusters, args.sigma, seed=1)
         q, _ = clustered(args.queries, args.dim, args.clusters, args.sigma, seed=2, centres=centres)

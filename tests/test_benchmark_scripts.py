@@ -161,6 +161,12 @@ def test_ab_step_bad_tree_is_one_line(tmp_path: Path) -> None:
     assert "not a cmrcnet source tree" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_ab_step_bad_env_b_is_one_line(tmp_path: Path) -> None:
+    proc = run_script("ab_step.py", tmp_path, "--a", str(ROOT), "--b", str(ROOT), "--env-b", "GOMP_SPINCOUNT")
+    assert proc.returncode != 0
+    assert "take KEY=VALUE, got 'GOMP_SPINCOUNT'" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_busy_machine_smoke(tmp_path: Path) -> None:
     """Three tiny training processes (one untimed), one beside a competitor: ~30-60 s."""
@@ -203,3 +209,16 @@ def test_frontier_prices_approximation_in_expression(monkeypatch: pytest.MonkeyP
     assert approx_frontier.mean_gene_pcc(a, b) == pytest.approx(want)
     const = np.ones((40, 5))
     assert approx_frontier.mean_gene_pcc(a, const) == 0.0  # a constant column counts as 0
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--run", "no/such/run"], "not a cmrcnet run directory"),
+    (["--pq-m", "5"], "--pq-m 5 must divide"),
+    (["--expr-genes", "0"], "--expr-genes must be >= 1"),
+    (["--methods", "ivf-flat,annoy"], "unknown ['annoy']"),
+])
+def test_approx_frontier_refuses_bad_options(tmp_path: Path, extra: list[str], needle: str) -> None:
+    proc = run_script("approx_frontier.py", tmp_path, *extra)
+    assert proc.returncode != 0
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out.json").exists()
