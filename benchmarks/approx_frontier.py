@@ -76,6 +76,8 @@ def trained_bank(args):
     import numpy as np
     import retrieval as RB
 
+    from cmrcnet.utils import atomic_path
+
     data = C.her2st_dir(args.data)
     if data is None:
         raise SystemExit(C.data_missing(args.data))
@@ -93,11 +95,9 @@ def trained_bank(args):
         else:
             expr = np.empty((n, len(cols)), np.float32)
             emb = RB.augment_embed(model, seeds, n, seed=seed, expr_cols=cols, expr_out=expr)
-            args.cache.mkdir(parents=True, exist_ok=True)
             for arr, path in ((emb, emb_p), (expr, expr_p)):
-                tmp = path.with_suffix(".tmp.npy")
-                np.save(tmp, arr)
-                tmp.replace(path)
+                with atomic_path(path) as tmp:  # tmp ends in .npy: np.save keeps the name
+                    np.save(tmp, arr)
         out += [emb, expr]
     return out[0], out[2], out[1], out[3], f"{src}, {enc}"
 
@@ -152,9 +152,10 @@ def main() -> None:
         bank_expr = q_expr = None
         src = f"{args.dim}-d clustered ({args.clusters} centres, sigma {args.sigma})"
     rep.note(f"bank: {src}")
-    route = "/".join(exact_route("auto", "auto", q, keys, args.k))
+    backend, precision = exact_route("auto", "auto", q, keys, args.k)
+    route = f"{backend}/{precision}"
     t = time.perf_counter()
-    _, ref = search(q, keys, args.k)
+    _, ref = search(q, keys, args.k, backend, routed=True, precision=precision)
     rows = [{"method": f"exact ({route})", "params": "", "build_s": 0.0, "query_s": round(time.perf_counter() - t, 2),
              "recall": 1.0, "meets": False, "load1": C.loadavg()[0]}]
     d, k = args.dim, args.k
